@@ -1,0 +1,46 @@
+# shadowblk — every target installs what it needs first (Debian 12, as root).
+#   make install   system packages, the virtualenv, the fast path, /usr/local/bin/shadowblk
+#   make test      the whole test suite (what .ci/run calls)
+#   make bench     the benchmarks (never part of the tests); figures in docs/benchmarks.md
+#   make demo      the main job on one machine
+#   make lint      ruff
+
+VENV   := $(CURDIR)/.venv
+PY     := $(VENV)/bin/python
+export PATH := $(VENV)/bin:$(PATH)
+
+.PHONY: install deps system-deps python-deps build test bench demo lint clean
+
+install: deps
+	ln -sf $(VENV)/bin/shadowblk /usr/local/bin/shadowblk
+	@echo "installed: $$(shadowblk --version)"
+
+deps: system-deps python-deps build
+
+system-deps:
+	tools/install/system-deps.sh
+
+python-deps: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	tools/install/python-env.sh $(VENV)
+	touch $@
+
+build: python-deps
+	$(PY) setup.py -q build_ext --inplace
+
+test: deps
+	$(PY) -m pytest -q -ra tests
+
+bench: deps
+	$(PY) -m tools.bench.run
+
+demo: deps
+	$(PY) -m tools.demo.run
+
+lint: python-deps
+	$(PY) -m ruff check shadowblk tests tools setup.py
+	$(PY) -m ruff format --check shadowblk tests tools setup.py
+
+clean:
+	rm -rf build shadowblk/_native/*.so csrc/*.c .pytest_cache

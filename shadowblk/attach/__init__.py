@@ -1,0 +1,1 @@
+"""The VM's stable volume endpoint on the compute host, and how it switches over."""

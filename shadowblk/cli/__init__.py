@@ -1,0 +1,1 @@
+"""The operator's CLI: one module per command or command group, registered in main.py."""

@@ -1,0 +1,1 @@
+"""Integrity: per-block checksums, checksum maps, tree compare and scrub."""

@@ -1,0 +1,1 @@
+"""The management plane: store, placement, orchestration, API, dashboard and alerts."""

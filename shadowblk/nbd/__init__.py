@@ -1,0 +1,1 @@
+"""The NBD protocol: wire constants, the server (handshake and transmission phases), backends."""

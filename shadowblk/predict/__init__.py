@@ -1,0 +1,1 @@
+"""Failure prediction from SMART data, latency and checksum discrepancies."""

@@ -1,0 +1,1 @@
+"""Delta tracking: which blocks of a volume were written, grouped into epochs."""

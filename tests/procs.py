@@ -1,0 +1,80 @@
+"""Processes started by tests: started by PID, stopped by PID, always, even when a test fails."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+SHADOWBLK = [sys.executable, "-m", "shadowblk.cli"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (bind to 0, read it back)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Starts processes for one test and ends every one of them at teardown."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.started: list[subprocess.Popen] = []
+
+    def start(
+        self, argv: Sequence[str], name: str, env: dict[str, str] | None = None, **kw
+    ) -> subprocess.Popen:
+        """Start ARGV with stderr to LOGDIR/NAME.log; stdout stays a pipe for `ready` lines."""
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            **kw,
+        )
+        proc.log = log  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
+    @staticmethod
+    def wait_ready(proc: subprocess.Popen, prefix: str = "ready ", timeout: float = 30) -> str:
+        """Read stdout lines until one starts with PREFIX; return it. Fails on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        buf = b""
+        while time.monotonic() < deadline:
+            chunk = proc.stdout.read()
+            if chunk:
+                buf += chunk
+                for line in buf.decode(errors="replace").splitlines():
+                    if line.startswith(prefix):
+                        os.set_blocking(proc.stdout.fileno(), True)
+                        return line.strip()
+            elif proc.poll() is not None:
+                raise AssertionError(f"process exited with {proc.returncode} before ready")
+            time.sleep(0.02)
+        raise AssertionError(f"no '{prefix}' line within {timeout}s; stdout so far: {buf!r}")
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal PROC and wait for it; SIGKILL if it does not end in TIMEOUT. Returns its code."""
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.log.close()  # type: ignore[attr-defined]
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            self.stop(proc, signal.SIGKILL if proc.poll() is None else signal.SIGTERM, timeout=5)
