@@ -58,6 +58,7 @@ class Server(_Doc):
     io_load: float = 0.0  # share of the server's I/O capacity in use, 0..1
     state: ServerState = ServerState.UP
     last_heartbeat: float = 0.0  # unix time
+    health: dict[str, Any] = field(default_factory=dict)  # the agent's last report, as sent
 
     def __post_init__(self) -> None:
         self.state = ServerState(self.state)

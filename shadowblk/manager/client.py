@@ -1,0 +1,116 @@
+"""A small synchronous client of the manager's HTTP API, for the CLI, agents and attach.
+
+Standard library only (urllib), so that every role can use it without an event loop; an
+asyncio caller runs it in a thread. A standby's 503 names the leader: the client repeats the
+request there once, so any manager's URL works for changes.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+
+class ManagerError(Exception):
+    """The manager refused a request: its status, message and details."""
+
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(f"{error} (HTTP {status})" if status else error)
+        self.status, self.error, self.detail = status, error, detail
+
+
+class Unreachable(ManagerError):
+    """No answer from the manager at all."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(0, f"cannot reach the manager at {url}: {reason}")
+
+
+class Client:
+    """Calls on one manager (and its leader, when it is a standby)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ManagerError(0, f"the manager URL must be http://HOST:PORT, not {url!r}")
+        self.url, self.token, self.timeout_s = url.rstrip("/"), token, timeout_s
+
+    def _once(self, base: str, method: str, path: str, body: Any) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(base + path, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                return reply.status, json.load(reply)
+        except urllib.error.HTTPError as err:
+            with err:
+                raw = err.read()
+            try:
+                doc = json.loads(raw)
+                return err.code, doc if isinstance(doc, dict) else {"error": str(doc)}
+            except ValueError:
+                return err.code, {"error": raw.decode(errors="replace")[:200] or err.reason}
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise Unreachable(base, str(reason)) from None
+        except ValueError as err:
+            raise ManagerError(0, f"the manager at {base} did not answer JSON: {err}") from None
+
+    def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
+        """METHOD PATH with a JSON BODY; the answer's JSON, or ManagerError."""
+        params = {k: v for k, v in query.items() if v is not None}
+        if params:
+            path += "?" + urllib.parse.urlencode(params)
+        status, doc = self._once(self.url, method, path, body)
+        leader = (doc.get("detail") or {}) if status == 503 and isinstance(doc, dict) else {}
+        if isinstance(leader, dict) and leader.get("leader") not in (None, self.url):
+            status, doc = self._once(leader["leader"].rstrip("/"), method, path, body)
+        if status >= 400:
+            raise ManagerError(status, doc.get("error", "unknown error"), doc.get("detail"))
+        return doc
+
+    # servers (register and heartbeat are the agent's protocol)
+    def servers(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/servers")["servers"]
+
+    def server(self, name: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/servers/{_quote(name)}")
+
+    def register(self, **server: Any) -> dict[str, Any]:
+        return self.call("POST", "/v1/servers", server)
+
+    def heartbeat(self, name: str, **health: Any) -> dict[str, Any]:
+        return self.call("POST", f"/v1/servers/{_quote(name)}/heartbeat", health)
+
+    # volumes
+    def volumes(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/volumes")["volumes"]
+
+    def volume(self, name: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/volumes/{_quote(name)}")
+
+    def create_volume(self, **spec: Any) -> dict[str, Any]:
+        return self.call("POST", "/v1/volumes", {k: v for k, v in spec.items() if v is not None})
+
+    def delete_volume(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/v1/volumes/{_quote(name)}")
+
+    def placement(self, name: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/volumes/{_quote(name)}/placement")
+
+    # the fleet
+    def status(self) -> dict[str, Any]:
+        return self.call("GET", "/v1/status")
+
+    def events(self, since: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/events", since=since, limit=limit)["events"]
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")

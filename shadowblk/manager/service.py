@@ -1,0 +1,276 @@
+"""What the API does to the fleet: reads and changes of the store, placement, events, orders.
+
+Plain synchronous code over a Store: the manager runs it on its one store thread, so the
+changes of one manager never interleave (and only the leader changes anything). A change that
+a server must act on is also an order in the log, fenced by the leader's token; an agent's
+heartbeat collects the orders addressed to it.
+
+Space on a server is what its agent reports as used or what the volumes placed on it take,
+whichever is more: a volume placed a moment ago counts before the agent has written a byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from shadowblk.manager.api_errors import ApiError
+from shadowblk.manager.placement import Decision, Policy, decide, judge_all, pick, place
+from shadowblk.manager.store import NotFound, Store
+from shadowblk.manager.store.model import (
+    Event,
+    Mode,
+    Server,
+    ServerState,
+    Shadow,
+    ShadowState,
+    Volume,
+)
+
+
+class Refused(ApiError):
+    """A well-formed request that the fleet as it is cannot satisfy (HTTP 404 or 409)."""
+
+
+def allocations(volumes: list[Volume], skip: str | None = None) -> Counter[str]:
+    """Bytes placed on each server by VOLUMES (primary and shadows), leaving out SKIP."""
+    placed: Counter[str] = Counter()
+    for v in volumes:
+        if v.name != skip:
+            for server in (v.primary, *v.shadow_servers()):
+                placed[server] += v.size_bytes
+    return placed
+
+
+def committed(servers: list[Server], placed: Counter[str]) -> list[Server]:
+    """SERVERS with used bytes raised to what is placed on them, for placement."""
+    return [dataclasses.replace(s, used_bytes=max(s.used_bytes, placed[s.name])) for s in servers]
+
+
+def choose_primary(volume: Volume, servers: list[Server], policy: Policy) -> Decision:
+    """The best server to hold VOLUME's primary, judged as a shadow with no primary to avoid."""
+    probe = dataclasses.replace(volume, primary="", shadows=[], shadows_wanted=1)
+    candidates = judge_all(probe, servers, policy)
+    return decide(probe, candidates, pick(probe, candidates, servers))
+
+
+def _rejections(decision: Decision) -> str:
+    return "; ".join(f"{c.server}: {', '.join(c.reasons)}" for c in decision.candidates)
+
+
+def round_up(size: int, block: int) -> int:
+    return -(-size // block) * block
+
+
+class Fleet:
+    """The API's operations on one store."""
+
+    def __init__(self, store: Store, policy: Policy | None = None) -> None:
+        self.store, self.policy = store, policy or Policy()
+
+    # reads
+    def _server_view(self, server: Server, placed: Counter[str]) -> dict[str, Any]:
+        return {**server.to_dict(), "allocated_bytes": placed[server.name]}
+
+    def servers(self) -> list[dict[str, Any]]:
+        placed = allocations(self.store.list_volumes())
+        return [self._server_view(s, placed) for s in self.store.list_servers()]
+
+    def server(self, name: str) -> dict[str, Any]:
+        server = self.store.get_server(name)
+        return self._server_view(server, allocations(self.store.list_volumes()))
+
+    def volumes(self) -> list[dict[str, Any]]:
+        return [v.to_dict() for v in self.store.list_volumes()]
+
+    def volume(self, name: str) -> dict[str, Any]:
+        return self.store.get_volume(name).to_dict()
+
+    def explain(self, name: str) -> dict[str, Any]:
+        """Where NAME's shadows would go now (its own space not counted against it), and why."""
+        volume = self.store.get_volume(name)
+        placed = allocations(self.store.list_volumes(), skip=name)
+        placed[volume.primary] += volume.size_bytes
+        decision = place(
+            dataclasses.replace(volume, shadows=[]),
+            committed(self.store.list_servers(), placed),
+            self.policy,
+        )
+        return {
+            "decision": decision.to_dict(),
+            "current_shadows": volume.shadow_servers(),
+            "explanation": decision.explain(),
+        }
+
+    def events(self, since: int, limit: int) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.store.events(since)[:limit]]
+
+    def status(self) -> dict[str, Any]:
+        servers, volumes = self.store.list_servers(), self.store.list_volumes()
+        states = Counter(s.state.value for s in servers)
+        up = {s.name for s in servers if s.state is ServerState.UP}
+        degraded = [
+            v.name
+            for v in volumes
+            if v.primary not in up
+            or sum(s.server in up and s.state is not ShadowState.STALE for s in v.shadows)
+            < v.shadows_wanted
+        ]
+        placed = allocations(volumes)
+        leader = self.store.leader()
+        return {
+            "leader": dataclasses.asdict(leader) if leader else None,
+            "servers": {
+                "total": len(servers),
+                **{st.value: states[st.value] for st in ServerState},
+            },
+            "volumes": {"total": len(volumes), "degraded": degraded},
+            "capacity": {
+                "total_bytes": sum(s.capacity_bytes for s in servers),
+                "used_bytes": sum(s.used_bytes for s in servers),
+                "allocated_bytes": sum(placed.values()),
+            },
+        }
+
+    # changes: only the leader calls these, with its fencing token
+    def register(self, body: dict[str, Any], now: float) -> dict[str, Any]:
+        """Add a server or refresh what its agent says about it; it is up from now on."""
+        try:
+            before: Server | None = self.store.get_server(body["name"])
+        except NotFound:
+            before = None
+        server = Server(
+            name=body["name"],
+            zone=body["zone"],
+            rack=body["rack"],
+            address=body.get("address", ""),
+            nbd_address=body.get("nbd_address", ""),
+            capacity_bytes=body["capacity_bytes"],
+            drive_models=body.get("drive_models", []),
+            last_heartbeat=now,
+        )
+        if before is not None:
+            server.used_bytes, server.io_load = before.used_bytes, before.io_load
+            server.failure_probability, server.health = before.failure_probability, before.health
+            if before.state is ServerState.DRAINING:
+                server.state = ServerState.DRAINING
+        self.store.put_server(server)
+        self.store.append_event(
+            Event("server-registered", server.name, {"zone": server.zone, "rack": server.rack})
+        )
+        return self.server(server.name)
+
+    def heartbeat(self, name: str, body: dict[str, Any], now: float) -> dict[str, Any]:
+        """Record a server's health; answer with its orders given after `orders_since`."""
+        try:
+            server = self.store.get_server(name)
+        except NotFound:
+            raise NotFound(
+                f"no server {name!r}: an agent registers before its heartbeats"
+            ) from None
+        server.used_bytes = body["used_bytes"]
+        server.io_load = body.get("io_load", server.io_load)
+        server.health = {k: body[k] for k in ("latency_ms", "io_errors", "smart") if k in body}
+        server.last_heartbeat = now
+        if server.state is ServerState.DOWN:
+            server.state = ServerState.UP
+            self.store.append_event(Event("server-up", name, {"reason": "heartbeat"}))
+        self.store.put_server(server)
+        orders = [
+            e.to_dict()
+            for e in self.store.events(body.get("orders_since", 0))
+            if e.order_id is not None and e.detail.get("server") == name
+        ]
+        return {"server": self.server(name), "orders": orders}
+
+    def create_volume(self, body: dict[str, Any], fence: int) -> dict[str, Any]:
+        """Place, persist, log and order a new volume; Refused if it cannot be placed."""
+        block = body.get("block_size", 4096)
+        size = round_up(body["size_bytes"], block)  # the document's maximum keeps it in int64
+        volume = Volume(
+            name=body["name"],
+            size_bytes=size,
+            primary=body.get("primary", ""),
+            block_size=block,
+            mode=Mode(body.get("mode", "async")),
+            shadows_wanted=body.get("shadows", 1),
+        )
+        servers = self.store.list_servers()
+        fleet = committed(servers, allocations(self.store.list_volumes()))
+        primary = self._primary(volume, fleet)
+        volume.primary = primary.chosen[0]
+        shadows = place(volume, fleet, self.policy)
+        if shadows.unfilled:
+            raise Refused(
+                409,
+                f"only {len(shadows.chosen)} of {volume.shadows_wanted} shadow(s) of "
+                f"{volume.name} can be placed: {_rejections(shadows)}",
+                shadows.to_dict(),
+            )
+        volume.shadows = [Shadow(s) for s in shadows.chosen]
+        self.store.create_volume(volume)
+        seq = self.store.append_event(
+            Event("volume-created", volume.name, {"primary": volume.primary,
+                                                   "shadows": shadows.chosen})
+        )  # fmt: skip
+        roles = [(volume.primary, "primary")] + [(s, "shadow") for s in shadows.chosen]
+        self._order("host-volume", volume, seq, roles, fence)
+        return {
+            "volume": volume.to_dict(),
+            "placement": {"primary": primary.to_dict(), "shadows": shadows.to_dict()},
+        }
+
+    def _primary(self, volume: Volume, fleet: list[Server]) -> Decision:
+        """The decision for the primary: the one asked for, if it can take it, or the best."""
+        if volume.primary:
+            asked = next((s for s in fleet if s.name == volume.primary), None)
+            if asked is None:
+                raise Refused(404, f"primary: no server {volume.primary!r} is registered")
+            fleet = [asked]
+        decision = choose_primary(volume, fleet, self.policy)
+        if decision.unfilled:
+            raise Refused(
+                409,
+                f"no server can hold the primary of {volume.name}: {_rejections(decision)}",
+                decision.to_dict(),
+            )
+        return decision
+
+    def delete_volume(self, name: str, fence: int) -> dict[str, Any]:
+        """Forget a volume and order every server that holds a copy to drop it."""
+        volume = self.store.get_volume(name)
+        self.store.delete_volume(name)
+        seq = self.store.append_event(Event("volume-deleted", name, {"primary": volume.primary}))
+        roles = [(volume.primary, "primary")] + [(s, "shadow") for s in volume.shadow_servers()]
+        self._order("drop-volume", volume, seq, roles, fence)
+        return volume.to_dict()
+
+    def _order(
+        self, kind: str, volume: Volume, seq: int, roles: list[tuple[str, str]], fence: int
+    ) -> None:
+        """One fenced order per server; ids derive from the event, so none is given twice."""
+        for server, role in roles:
+            self.store.give_order(
+                Event(
+                    kind,
+                    volume.name,
+                    {"server": server, "role": role, "volume": volume.to_dict()},
+                    order_id=f"{kind}-{volume.name}-{seq}-{server}",
+                    fence=fence,
+                )
+            )
+
+    def mark_silent_down(self, timeout_s: float, now: float) -> list[str]:
+        """Mark down every up server whose last heartbeat is older than TIMEOUT_S."""
+        down = []
+        for server in self.store.list_servers():
+            silent = now - server.last_heartbeat
+            if server.state is ServerState.UP and silent > timeout_s:
+                server.state = ServerState.DOWN
+                self.store.put_server(server)
+                self.store.append_event(
+                    Event("server-down", server.name, {"silent_s": round(silent, 1)})
+                )
+                down.append(server.name)
+        return down
