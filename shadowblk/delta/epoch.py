@@ -1,0 +1,128 @@
+"""An epoch's content as the primary captured it: the latest data per block written in it.
+
+Capturing the data at write time (rather than reading the volume after the cut) is what makes
+an epoch a point-in-time image: later writes go to the next epoch and cannot leak into this one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import zstandard
+
+from shadowblk.delta.extents import encode_extent, runs
+from shadowblk.delta.frames import FrameType
+
+
+class Mark(Enum):
+    ZERO = "zero"
+    TRIM = "trim"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One frame's worth of change, before sequencing: EXTENT, ZERO or TRIM."""
+
+    type: FrameType
+    offset: int
+    length: int
+    payload: bytes = b""
+
+
+@dataclass
+class Epoch:
+    """Data blocks and ZERO/TRIM ranges, always disjoint: a later change replaces an earlier
+    one where they overlap. Ranges stay ranges, so discarding a whole volume costs one entry."""
+
+    number: int = 0  # 0 while open; assigned at the cut
+    blocks: dict[int, bytes] = field(default_factory=dict)
+    marks: list[tuple[int, int, Mark]] = field(default_factory=list)  # sorted [start, end)
+    nbytes: int = 0  # captured data bytes (the lag budget counts these)
+    opened: float = field(default_factory=time.monotonic)
+    closed: float = 0.0
+    _changes: list[Change] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.blocks and not self.marks
+
+    def put(self, block: int, data: bytes) -> None:
+        self._unmark(block, block + 1)
+        old = self.blocks.get(block)
+        if old is not None:
+            self.nbytes -= len(old)
+        self.nbytes += len(data)
+        self.blocks[block] = data
+
+    def mark(self, start: int, end: int, mark: Mark) -> None:
+        """Blocks [start, end) read as zeros from now on (ZERO) or are discarded (TRIM)."""
+        for block in [b for b in self.blocks if start <= b < end]:
+            self.nbytes -= len(self.blocks.pop(block))
+        self._unmark(start, end)
+        bisect.insort(self.marks, (start, end, mark), key=lambda m: m[0])
+
+    def mark_at(self, block: int) -> Mark | None:
+        i = bisect.bisect_right(self.marks, block, key=lambda m: m[0]) - 1
+        if i >= 0 and self.marks[i][0] <= block < self.marks[i][1]:
+            return self.marks[i][2]
+        return None
+
+    def _unmark(self, start: int, end: int) -> None:
+        lo = max(0, bisect.bisect_right(self.marks, start, key=lambda m: m[0]) - 1)
+        hi = bisect.bisect_left(self.marks, end, key=lambda m: m[0])
+        kept = []
+        for s, e, m in self.marks[lo:hi]:
+            if e <= start or s >= end:
+                kept.append((s, e, m))
+                continue
+            if s < start:
+                kept.append((s, start, m))
+            if e > end:
+                kept.append((end, e, m))
+        self.marks[lo:hi] = kept
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Every block range this epoch changes, as (start, end) block numbers."""
+        return [(b, b + 1) for b in self.blocks] + [(s, e) for s, e, _ in self.marks]
+
+    def changes(self, block_size: int, compressor: zstandard.ZstdCompressor) -> list[Change]:
+        """The frames of this (closed) epoch, built once and shared by every shadow. Changes
+        in an epoch are disjoint, so their order does not matter."""
+        if self._changes is None:
+            marks = [
+                Change(
+                    FrameType.ZERO if mark is Mark.ZERO else FrameType.TRIM,
+                    s * block_size,
+                    (e - s) * block_size,
+                )
+                for s, e, mark in self.marks
+            ]
+            self._changes = marks + list(_data(self.blocks, block_size, compressor))
+        return self._changes
+
+
+def _data(blocks: dict[int, bytes], bs: int, compressor: zstandard.ZstdCompressor):
+    """Runs of consecutive data blocks, as EXTENT (and ZERO for all-zero runs) changes."""
+    order = sorted(blocks)
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and order[j] == order[j - 1] + 1:
+            j += 1
+        data = b"".join(blocks[b] for b in order[i:j])
+        yield from data_changes(order[i] * bs, data, bs, compressor)
+        i = j
+
+
+def data_changes(offset: int, data: bytes, bs: int, compressor: zstandard.ZstdCompressor):
+    """EXTENT frames for the non-zero runs of DATA at OFFSET, ZERO frames for the zero runs."""
+    view = memoryview(data)
+    for start, end, is_zero in runs(view, bs):
+        if is_zero:
+            yield Change(FrameType.ZERO, offset + start, end - start)
+        else:
+            payload = encode_extent(view[start:end], bs, compressor)
+            yield Change(FrameType.EXTENT, offset + start, end - start, payload)

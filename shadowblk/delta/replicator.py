@@ -1,0 +1,474 @@
+"""The primary's replicator: captures every write, cuts epochs, ships them to every shadow.
+
+Public interface (thread-safe; the NBD server calls it from its connection threads):
+
+    rep = Replicator(volume_id, fd, size, ["host:port", ...], state_dir,
+                     block_size=4096, generation=1, mode="async" | "sync", level=1,
+                     max_lag_bytes=64 MiB, cut_interval=1.0, hmac_key=b"...", tls=None)
+    rep.start()
+    rep.on_write(offset, data)      # before the write is acknowledged; may block (back-pressure)
+    rep.on_zero(offset, length)     # WRITE_ZEROES
+    rep.on_trim(offset, length)     # TRIM
+    rep.cut_epoch() -> int          # close the open epoch (any moment is a valid cut)
+    rep.flush() -> int              # at FLUSH: cut; in sync mode wait for every in-sync shadow
+    await rep.aflush()              # the same for asyncio callers
+    rep.drain(timeout) -> bool      # cut and wait until every shadow applied everything
+    rep.status() -> dict            # per shadow: connected, phase, in_sync, lag, acked, throughput
+    rep.close()
+
+Call on_write/on_zero/on_trim *before* writing the volume (the range is recorded durably first,
+so a kill -9 of the primary cannot forget it) and acknowledge after both. They raise FencedError
+once a shadow reports a newer generation (I3): the primary must fail the write.
+Wire format, epochs, resync and modes: docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shadowblk.delta.epoch import Epoch, Mark
+from shadowblk.delta.frames import volume_key
+from shadowblk.delta.primary_state import CHUNK, EpochCounter, claim
+from shadowblk.delta.shipper import ShadowLink
+from shadowblk.delta.volume_state import VOLUME_ID
+from shadowblk.tracking.bitmap import DirtyBitmap
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_INTERVAL = 1.0
+
+
+class FencedError(Exception):
+    """A shadow holds a newer generation of this volume: this primary may not accept writes."""
+
+
+@dataclass
+class Plan:
+    kind: str  # "streaming" (from memory), "resync" (lacks bitmap) or "full-sync"
+    start_after: int
+    lacks: DirtyBitmap | None = None
+
+
+class Replicator:
+    def __init__(
+        self,
+        volume_id: str,
+        fd: int,
+        size: int,
+        shadows: Sequence[str],
+        state_dir: Path,
+        *,
+        block_size: int = 4096,
+        generation: int = 1,
+        mode: str = "async",
+        level: int = 1,
+        max_lag_bytes: int = 64 << 20,
+        cut_interval: float | None = 1.0,
+        hmac_key: bytes | None = None,
+        tls: Any = None,
+    ) -> None:
+        if not VOLUME_ID.match(volume_id):
+            raise ValueError(f"bad volume id {volume_id!r}")
+        if mode not in ("async", "sync"):
+            raise ValueError(f"mode must be async or sync, not {mode!r}")
+        if size % block_size:
+            raise ValueError(f"size {size} is not a multiple of the block size {block_size}")
+        if hmac_key is None and tls is None:
+            raise ValueError("streams must be authenticated: give hmac_key or tls")
+        self.volume_id = volume_id
+        self.vol_key = volume_key(volume_id)
+        self.fd = fd
+        self.size = size
+        self.block_size = block_size
+        self.generation = generation
+        self.mode = mode
+        self.level = level
+        self.max_lag_bytes = max_lag_bytes
+        self.cut_interval = cut_interval
+        self.key = hmac_key
+        self.tls = tls
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Condition()
+        self._owner = claim(self.state_dir)
+        self.counter = EpochCounter(self.state_dir, volume_id, size, block_size)
+        self.open = Epoch()
+        self.closed: list[Epoch] = []
+        self.last_cut = 0
+        self.fenced = False
+        self.closing = False
+        self.links = [ShadowLink(self, *_address(s)) for s in shadows]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name=f"replicator-{self.volume_id}", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        for link in self.links:
+            link.kick = asyncio.Event()
+            self._tasks.append(loop.create_task(link.run()))
+        self._tasks.append(loop.create_task(self._housekeeping()))
+        loop.call_soon(ready.set)
+        try:
+            loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
+        finally:
+            loop.close()
+
+    def close(self) -> None:
+        """Stop shipping and persist what every shadow still lacks."""
+        self.closing = True
+        if self._loop is not None and self._thread is not None:
+            for task in self._tasks:
+                self._loop.call_soon_threadsafe(task.cancel)
+            self._thread.join(30)
+        for link in self.links:
+            self._checkpoint(link, final=True)
+        os.close(self._owner)
+
+    # --- capture (writer threads) ------------------------------------------------------------
+
+    def on_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Capture a write into the open epoch (the latest data per block wins)."""
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view))
+        bs = self.block_size
+        with self.lock:
+            pos = 0
+            while pos < len(view):
+                at = offset + pos
+                block, within = divmod(at, bs)
+                n = min(bs - within, len(view) - pos)
+                if n == bs:
+                    self.open.put(block, bytes(view[pos : pos + bs]))
+                else:
+                    base = bytearray(self._current_block(block))
+                    base[within : within + n] = view[pos : pos + n]
+                    self.open.put(block, bytes(base))
+                pos += n
+            pending = self._mark(offset, len(view))
+        self._after_capture(pending)
+
+    def on_zero(self, offset: int, length: int) -> None:
+        self._ranged(offset, length, Mark.ZERO)
+
+    def on_trim(self, offset: int, length: int) -> None:
+        self._ranged(offset, length, Mark.TRIM)
+
+    def _ranged(self, offset: int, length: int, mark: Mark) -> None:
+        self._check(offset, length)
+        bs = self.block_size
+        first, end = -(-offset // bs), (offset + length) // bs
+        if first >= end:
+            self.on_write(offset, bytes(length))
+            return
+        if offset < first * bs:
+            self.on_write(offset, bytes(first * bs - offset))
+        if offset + length > end * bs:
+            self.on_write(end * bs, bytes(offset + length - end * bs))
+        with self.lock:
+            self.open.mark(first, end, mark)
+            pending = self._mark(first * bs, (end - first) * bs)
+        self._after_capture(pending)
+
+    def _check(self, offset: int, length: int) -> None:
+        if self.fenced:
+            raise FencedError(f"volume {self.volume_id}: a shadow holds a newer generation")
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise ValueError(f"range {offset}+{length} outside the volume of {self.size} bytes")
+
+    def _current_block(self, block: int) -> bytes:
+        """The block's content as of the latest capture (for a partial-block write)."""
+        for epoch in [self.open, *reversed(self.closed)]:
+            value = epoch.blocks.get(block)
+            if value is not None:
+                return value
+            if epoch.mark_at(block) is not None:
+                return bytes(self.block_size)
+        return _pread(self.fd, self.block_size, block * self.block_size)
+
+    def _mark(self, offset: int, length: int) -> list[ShadowLink]:
+        """(lock) Add the range to every shadow's lacks; the shadows whose persisted superset
+        must grow first."""
+        pending = []
+        for link in self.links:
+            link.record.lacks.mark(offset, length)
+            missing = link.record.chunks_missing(offset, length)
+            if missing:
+                link.record.cover(missing)
+                pending.append(link)
+        return pending
+
+    def _after_capture(self, pending: list[ShadowLink]) -> None:
+        for link in pending:
+            self._save(link)
+        with self.lock:
+            if self._lag_bytes() <= self.max_lag_bytes:
+                return
+            while True:  # back-pressure: ship what is captured, wait for room
+                if not self.open.empty:
+                    self._cut()
+                if self._lag_bytes() <= self.max_lag_bytes or not self._someone_needs_memory():
+                    return
+                self.lock.wait(0.5)
+
+    def _save(self, link: ShadowLink) -> None:
+        rec = link.record
+        with rec.save_lock:
+            with self.lock:
+                snapshot, acked = rec.persisted.copy(), rec.acked
+            rec.save(snapshot, acked)
+
+    # --- epochs ------------------------------------------------------------------------------
+
+    def cut_epoch(self) -> int:
+        """Close the open epoch; returns its number (the last one if nothing was written)."""
+        with self.lock:
+            return self._cut()
+
+    def _cut(self, force: bool = False) -> int:
+        if self.open.empty and not force:
+            return self.last_cut
+        epoch, self.open = self.open, Epoch()
+        epoch.number = self.counter.take()
+        epoch.closed = time.monotonic()
+        self.closed.append(epoch)
+        self.last_cut = epoch.number
+        self._release()
+        self._kick()
+        return epoch.number
+
+    def flush(self, timeout: float | None = None) -> int:
+        """At FLUSH: cut; in sync mode return only once every in-sync shadow applied the epoch."""
+        number = self.cut_epoch()
+        if self.mode == "sync":
+            deadline = None if timeout is None else time.monotonic() + timeout
+            with self.lock:
+                while any(link.in_sync and link.record.acked < number for link in self.links) and (
+                    deadline is None or time.monotonic() < deadline
+                ):
+                    self.lock.wait(0.5)
+        return number
+
+    async def aflush(self) -> int:
+        return await asyncio.to_thread(self.flush)
+
+    def drain(self, timeout: float) -> bool:
+        """Cut, then wait until every shadow has applied everything written so far."""
+        number = self.cut_epoch()
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while time.monotonic() < deadline:
+                if all(link.record.acked >= number and link.in_sync for link in self.links):
+                    return True
+                self.lock.wait(0.2)
+        return False
+
+    def epoch_after(self, number: int) -> Epoch | None:
+        with self.lock:
+            for epoch in self.closed:
+                if epoch.number > number:
+                    return epoch
+        return None
+
+    def end_of_fuzzy(self) -> int:
+        """A sync read ended: the first epoch whose commit makes the shadow consistent again.
+        An empty open epoch is cut at once; otherwise it is the next cut."""
+        with self.lock:
+            if self.open.empty:
+                return self._cut(force=True)
+            return self.counter.next
+
+    def _lag_bytes(self) -> int:
+        return self.open.nbytes + sum(e.nbytes for e in self.closed)
+
+    def _someone_needs_memory(self) -> bool:
+        return any(
+            link.connected and link.retained_from is not None and not link.fenced
+            for link in self.links
+        )
+
+    def _release(self) -> None:
+        """(lock) Forget epochs no shadow needs; shadows that are away and cost too much memory
+        fall back to their lacks bitmap."""
+        if self._lag_bytes() > self.max_lag_bytes:
+            for link in self.links:
+                if not link.connected and link.retained_from is not None:
+                    log.warning("%s: away and over the lag budget: will resync", link.name)
+                    link.retained_from = None
+        keep_from = min(
+            (
+                max(link.retained_from, link.record.acked + 1)
+                for link in self.links
+                if link.retained_from is not None
+            ),
+            default=None,
+        )
+        self.closed = [e for e in self.closed if keep_from is not None and e.number >= keep_from]
+        self.lock.notify_all()
+
+    def _kick(self) -> None:
+        if self._loop is None:
+            return
+        for link in self.links:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(link.kick.set)
+
+    # --- called by the links (event loop thread) ---------------------------------------------
+
+    def plan(self, link: ShadowLink, known: bool, applied: int) -> Plan:
+        """Decide how to bring a shadow that has applied APPLIED up to date."""
+        with self.lock:
+            link.connected = True
+            acked = link.record.acked
+            self.counter.skip_past(applied)
+            if not known or acked == 0 or applied < acked:
+                kind = "full-sync"
+            elif link.retained_from is not None and link.retained_from <= applied + 1:
+                link.record.acked = max(acked, applied)
+                link.in_sync = True
+                return Plan("streaming", applied)
+            else:
+                kind = "resync"
+                link.record.acked = max(acked, applied)
+            link.in_sync = False
+            link.retained_from = self.counter.next
+            lacks = link.record.lacks.copy() if kind == "resync" else None
+            return Plan(kind, link.retained_from - 1, lacks)
+
+    def on_acked(self, link: ShadowLink, epoch: int, consistent: bool) -> None:
+        with self.lock:
+            link.record.acked = max(link.record.acked, epoch)
+            if consistent:
+                link.in_sync = True
+            self._release()
+
+    def on_disconnect(self, link: ShadowLink) -> None:
+        with self.lock:
+            link.connected = False
+            link.in_sync = False
+            self._release()
+
+    def on_fenced(self, link: ShadowLink) -> None:
+        with self.lock:
+            self.fenced = True
+            link.retained_from = None
+            self._release()
+
+    # --- housekeeping ------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        saved: dict[str, int] = {}
+        while not self.closing:
+            await asyncio.sleep(min(CHECKPOINT_INTERVAL, self.cut_interval or CHECKPOINT_INTERVAL))
+            if self.cut_interval is not None:
+                with self.lock:
+                    if (
+                        not self.open.empty
+                        and time.monotonic() - self.open.opened > self.cut_interval
+                    ):
+                        self._cut()
+            for link in self.links:
+                if saved.get(link.name) != link.record.acked:
+                    await asyncio.to_thread(self._checkpoint, link)
+                    saved[link.name] = link.record.acked
+
+    def _checkpoint(self, link: ShadowLink, final: bool = False) -> None:
+        """Shrink the shadow's persisted lacks to what it really lacks now, when known. The
+        FINAL one (no more writes) saves the exact set, without the chunks that cover writes."""
+        rec = link.record
+        with rec.save_lock:
+            with self.lock:
+                if link.retained_from is not None and link.retained_from <= rec.acked + 1:
+                    exact = DirtyBitmap(self.size, self.block_size)
+                    bs = self.block_size
+                    for epoch in [*self.closed, self.open]:
+                        if epoch is self.open or epoch.number > rec.acked:
+                            for start, end in epoch.ranges():
+                                exact.mark(start * bs, (end - start) * bs)
+                    rec.lacks = exact
+                    rec.persisted = exact.copy()
+                    rec.covered = set()
+                    rec.cover(
+                        sorted(
+                            {
+                                c
+                                for start, end in self.open.ranges()
+                                for c in range(start * bs // CHUNK, (end * bs - 1) // CHUNK + 1)
+                            }
+                        )
+                    )
+                snapshot = rec.lacks.copy() if final else rec.persisted.copy()
+                acked = rec.acked
+            rec.save(snapshot, acked)
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self.lock:
+            shadows = []
+            for link in self.links:
+                unacked = [e for e in self.closed if e.number > link.record.acked]
+                oldest = min((e.closed for e in unacked), default=None)
+                shadows.append(
+                    {
+                        "address": link.name,
+                        "connected": link.connected,
+                        "phase": link.phase,
+                        "in_sync": link.in_sync,
+                        "acked_epoch": link.record.acked,
+                        "lag_epochs": len(unacked),
+                        "lag_bytes": sum(e.nbytes for e in unacked) + self.open.nbytes,
+                        "lag_seconds": round(now - oldest, 3) if oldest is not None else 0.0,
+                        "lacks_bytes": link.record.lacks.count() * self.block_size,
+                        "catch_up": link.catch_up,
+                        "sync_progress": [link.sync_done[0], link.sync_total],
+                        "throughput_bytes_per_s": round(link.throughput(), 1),
+                        "sent_bytes": link.sent_bytes,
+                        "nacks": link.nacks,
+                        "reconnects": link.reconnects,
+                        "last_error": link.last_error,
+                    }
+                )
+            return {
+                "volume_id": self.volume_id,
+                "mode": self.mode,
+                "generation": self.generation,
+                "fenced": self.fenced,
+                "last_cut_epoch": self.last_cut,
+                "open_epoch_bytes": self.open.nbytes,
+                "lag_bytes": self._lag_bytes(),
+                "shadows": shadows,
+            }
+
+
+def _address(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"shadow address {spec!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    return data + bytes(length - len(data))
