@@ -18,6 +18,8 @@ from typing import BinaryIO, Self
 import crc32c
 import numpy as np
 
+from shadowblk._native import bitmap as _native
+
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
 MAX_SIZE = 1 << 50  # 1 PiB: keeps the top-level table of the fast bitmap small
@@ -26,9 +28,9 @@ PAGE_BYTES = PAGE_BLOCKS // 8
 
 MAGIC = b"SHBLKBMP"
 VERSION = 1
-_HEADER = struct.Struct("<8sHHIQIIQ")  # magic, version, reserved, block size, size, page blocks, reserved, pages
-_PAGE_INDEX = struct.Struct("<Q")
-_TRAILER = struct.Struct("<I")
+_HEADER = struct.Struct("<8sHHIQII")  # magic, version, 0, block size, size, page blocks, 0
+_U64 = struct.Struct("<Q")  # a page index; the page count in the trailer
+_CRC = struct.Struct("<I")
 
 
 class BitmapCorruptError(ValueError):
@@ -66,23 +68,26 @@ def check_max_length(max_length: int | None, block_size: int) -> int | None:
 
 
 # --- the file format ------------------------------------------------------------------------
-# header, then one record per non-empty page (u64 page index, PAGE_BYTES of bits, block i of the
-# page is bit i % 8 of byte i // 8), then the crc32c of everything before it. Little-endian.
+# header, then one record per non-empty page in increasing order (u64 page index, PAGE_BYTES of
+# bits: block i of the page is bit i % 8 of byte i // 8), then the trailer: the number of pages
+# and the crc32c of everything before the crc. Little-endian. Written as a stream, so saving
+# needs no second copy of the bitmap.
 
 
 def write_file(path: str | os.PathLike[str], size: int, block_size: int, pages: Iterable) -> None:
     """Write (page index, bits) pairs atomically: temp file, fsync, rename, fsync the folder."""
     path = Path(path)
-    records = list(pages)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            crc = _write(out, _HEADER.pack(MAGIC, VERSION, 0, block_size, size, PAGE_BLOCKS, 0,
-                                           len(records)), 0)
-            for index, bits in records:
-                crc = _write(out, _PAGE_INDEX.pack(index), crc)
-                crc = _write(out, bytes(bits), crc)
-            out.write(_TRAILER.pack(crc))
+            crc = _write(out, _HEADER.pack(MAGIC, VERSION, 0, block_size, size, PAGE_BLOCKS, 0), 0)
+            npages = 0
+            for index, bits in pages:
+                crc = _write(out, _U64.pack(index), crc)
+                crc = _write(out, bits, crc)
+                npages += 1
+            crc = _write(out, _U64.pack(npages), crc)
+            out.write(_CRC.pack(crc))
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -104,19 +109,20 @@ def _write(out: BinaryIO, data: bytes, crc: int) -> int:
 def read_file(path: str | os.PathLike[str]) -> tuple[int, int, list[tuple[int, bytes]]]:
     """(size, block_size, pages) of a saved bitmap, every field checked before it is used."""
     data = Path(path).read_bytes()
-    if len(data) < _HEADER.size + _TRAILER.size:
+    trailer = _U64.size + _CRC.size
+    if len(data) < _HEADER.size + trailer:
         raise BitmapCorruptError(f"{path}: {len(data)} bytes, too short for a bitmap file")
-    magic, version, _, block_size, size, page_blocks, _, npages = _HEADER.unpack_from(data)
+    magic, version, _, block_size, size, page_blocks, _ = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise BitmapCorruptError(f"{path}: not a shadowblk bitmap (magic {magic!r})")
     if version != VERSION:
         raise BitmapCorruptError(f"{path}: bitmap format version {version}, expected {VERSION}")
-    record = _PAGE_INDEX.size + PAGE_BYTES
-    expected = _HEADER.size + npages * record + _TRAILER.size
-    if len(data) != expected:
-        raise BitmapCorruptError(f"{path}: {len(data)} bytes, the header implies {expected} (torn?)")
-    (stored,) = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
-    if crc32c.crc32c(memoryview(data)[: -_TRAILER.size]) != stored:
+    record = _U64.size + PAGE_BYTES
+    (npages,) = _U64.unpack_from(data, len(data) - trailer)
+    (stored,) = _CRC.unpack_from(data, len(data) - _CRC.size)
+    if len(data) != _HEADER.size + npages * record + trailer:
+        raise BitmapCorruptError(f"{path}: {len(data)} bytes do not hold {npages} pages (torn?)")
+    if crc32c.crc32c(memoryview(data)[: -_CRC.size]) != stored:
         raise BitmapCorruptError(f"{path}: checksum mismatch")
     try:
         check_geometry(size, block_size)
@@ -129,8 +135,8 @@ def read_file(path: str | os.PathLike[str]) -> tuple[int, int, list[tuple[int, b
     pages: list[tuple[int, bytes]] = []
     pos = _HEADER.size
     for _ in range(npages):
-        (index,) = _PAGE_INDEX.unpack_from(data, pos)
-        bits = data[pos + _PAGE_INDEX.size : pos + record]
+        (index,) = _U64.unpack_from(data, pos)
+        bits = data[pos + _U64.size : pos + record]
         pos += record
         if index > last_page or (pages and index <= pages[-1][0]):
             raise BitmapCorruptError(f"{path}: page index {index} out of order or out of range")
@@ -235,7 +241,8 @@ class ReferenceBitmap:
             raise TypeError(f"cannot union a ReferenceBitmap with {type(other).__name__}")
         if (other.size, other.block_size) != (self._size, self._block_size):
             raise ValueError(
-                f"geometry differs: {other.size}/{other.block_size} vs {self._size}/{self._block_size}"
+                f"geometry differs: size/block size {other.size}/{other.block_size} "
+                f"vs {self._size}/{self._block_size}"
             )
         with other._lock:
             blocks = set(other._blocks)
@@ -279,5 +286,28 @@ class ReferenceBitmap:
         return bitmap
 
 
-class DirtyBitmap(ReferenceBitmap):
-    """The bitmap the data path uses (plain Python until the fast path lands)."""
+class DirtyBitmap(_native.Bitmap):
+    """The bitmap the data path uses: C pages allocated as blocks get dirty (see csrc/bitmap.pyx).
+
+    Thread-safe under the GIL: a mark made while another thread calls cut() lands either in the
+    set cut() returns or in the one left behind, never nowhere. Cython code (a csrc/*.pyx) can
+    skip the Python call: `from shadowblk._native.bitmap cimport Bitmap`, then
+    `(<Bitmap>bitmap).mark_range(offset, length)`, declared in csrc/shadowblk/_native/bitmap.pxd.
+    """
+
+    def __repr__(self) -> str:
+        return f"DirtyBitmap(size={self.size}, block_size={self.block_size}, dirty={self.count()})"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Persist atomically in the checksummed bitmap format (save a cut() or copy() of a
+        bitmap that is still being marked, for a stable snapshot)."""
+        write_file(path, self.size, self.block_size, self._pages())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Read a saved bitmap; BitmapCorruptError if the file is not exactly what save wrote."""
+        size, block_size, pages = read_file(path)
+        bitmap = cls(size, block_size)
+        for index, bits in pages:
+            bitmap._or_page(index, bits)
+        return bitmap

@@ -1,0 +1,64 @@
+"""crc32c of every block of a buffer, in C with the GIL released (csrc/lib/crc32c_blocks.h)."""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.stdint cimport uint32_t
+
+import numpy as np
+
+cdef extern from "crc32c_blocks.h" nogil:
+    ctypedef struct crc32c_shift_t:
+        pass
+    void crc32c_init()
+    int crc32c_hw_available()
+    size_t crc32c_part(size_t n)
+    void crc32c_shift_make(crc32c_shift_t *op, size_t nbytes)
+    void crc32c_blocks(const unsigned char *buf, size_t length, size_t block, uint32_t *out,
+                       int hw, const crc32c_shift_t *full, crc32c_shift_t *scratch)
+
+crc32c_init()
+cdef bint HARDWARE = crc32c_hw_available()
+cdef dict _shifts = {}   # block size -> its shift tables: building them costs ~20 us
+
+
+cdef bytes shift_for(Py_ssize_t block_size):
+    """The tables that feed crc32c_part(block_size) zero bytes, made once per block size."""
+    cdef bytes tables = _shifts.get(block_size)
+    if tables is None:
+        tables = bytes(sizeof(crc32c_shift_t))
+        if crc32c_part(block_size):
+            crc32c_shift_make(<crc32c_shift_t *><char *>tables, crc32c_part(block_size))
+        if len(_shifts) < 64:
+            _shifts[block_size] = tables
+    return tables
+
+
+def hardware_crc32c() -> bool:
+    """Whether this CPU computes crc32c in hardware (SSE4.2), found at run time."""
+    return HARDWARE
+
+
+def block_crc32c(buf, Py_ssize_t block_size=4096, bint hardware=True):
+    """The crc32c of each block_size-byte block of a contiguous buffer (the last one may be
+    short) as a uint32 array. hardware=False forces the table code, for tests and benchmarks."""
+    cdef Py_buffer view
+    cdef crc32c_shift_t scratch
+    cdef uint32_t[::1] out
+    cdef Py_ssize_t nblocks
+    cdef int hw = hardware and HARDWARE
+    if block_size <= 0:
+        raise ValueError(f"block_size {block_size} must be positive")
+    cdef bytes full = shift_for(block_size) if hw else b""
+    cdef const char *full_ptr = full
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        nblocks = (view.len + block_size - 1) // block_size
+        result = np.empty(nblocks, dtype=np.uint32)
+        if nblocks == 0:
+            return result
+        out = result
+        with nogil:
+            crc32c_blocks(<const unsigned char *>view.buf, view.len, block_size, &out[0], hw,
+                          <const crc32c_shift_t *>full_ptr, &scratch)
+        return result
+    finally:
+        PyBuffer_Release(&view)
