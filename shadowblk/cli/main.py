@@ -1,18 +1,52 @@
-"""The `shadowblk` command: the group and the registration of every command module."""
+"""The `shadowblk` command: the group and the table of every command module.
 
+Each command lives in `shadowblk/cli/<module>.py` and exposes `command`. The group imports a
+module only when its command runs (or `--help` lists it), so one command does not pay for the
+imports of all the others: a daemon's start-up and a script's call stay quick.
+"""
+
+import importlib
 import logging
 
 import click
 
 from shadowblk import __version__
-from shadowblk.cli import doctor
+
+# command name -> module in shadowblk.cli that defines it
+COMMANDS = {
+    "doctor": "doctor",
+    "serve": "serve",
+    "dirty": "dirty",
+    "shadow": "shadow",
+    "scrub": "scrub",
+    "predict": "predict",
+    "manager": "manager",
+    "volume": "volume",
+    "server": "server",
+    "placement": "placement",
+    "status": "status",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="shadowblk")
-@click.option(
-    "-v", "--verbose", count=True, help="More log detail on stderr (-v info, -vv debug)."
+class CommandTable(click.Group):
+    """A click group whose commands are imported from COMMANDS on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        return importlib.import_module(f"shadowblk.cli.{module}").command
+
+
+@click.group(
+    cls=CommandTable,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
+@click.version_option(__version__, prog_name="shadowblk")
+@click.option("-v", "--verbose", count=True, help="More log detail on stderr (-v info, -vv debug).")
 def cli(verbose: int) -> None:
     """shadowblk keeps shadow volumes of primary volumes on other servers, verifies them,
     predicts server failure and switches a VM's volume to a shadow before the outage.
@@ -21,6 +55,3 @@ def cli(verbose: int) -> None:
     """
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-
-cli.add_command(doctor.command)
