@@ -14,10 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
+from shadowblk.manager import metrics
+from shadowblk.manager.alerts import config as alerts_config
 from shadowblk.manager.api_errors import ApiError, json_errors
 from shadowblk.manager.api_schema import check, document
 from shadowblk.manager.app import Manager
 from shadowblk.manager.auth import require_bearer
+from shadowblk.manager.dashboard import routes as dashboard
+from shadowblk.manager.dashboard.observer import Observer
 
 MAX_BODY = 64 * 1024  # the largest request body: a heartbeat with SMART data fits many times
 EVENTS_LIMIT = 100
@@ -87,6 +91,14 @@ class Api:
         fleet = self.manager.fleet
         return web.json_response(await self.manager.run(fleet.heartbeat, name, body, time.time()))
 
+    async def report_switchover(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        await self._may_change(request)
+        body = await _body(request, "SwitchoverResult")
+        fleet = self.manager.fleet
+        event = await self.manager.run(fleet.report_switchover, name, body)
+        return web.json_response(event, status=201)
+
     async def list_volumes(self, request: web.Request) -> web.Response:
         return web.json_response({"volumes": await self.manager.run(self.manager.fleet.volumes)})
 
@@ -140,8 +152,15 @@ def make_app(manager: Manager, token: str) -> web.Application:
             web.get("/v1/volumes/{name}", api.get_volume),
             web.delete("/v1/volumes/{name}", api.delete_volume),
             web.get("/v1/volumes/{name}/placement", api.explain),
+            web.post("/v1/volumes/{name}/switchover-results", api.report_switchover),
             web.get("/v1/status", api.status),
             web.get("/v1/events", api.events),
         ]
     )
+    try:
+        observer = Observer(manager, alerts_config.load())
+    except alerts_config.ConfigError as err:
+        raise SystemExit(f"Error: {err}") from None
+    dashboard.mount(app, observer)
+    app.router.add_get("/metrics", metrics.handler(observer))
     return app

@@ -33,6 +33,19 @@ class Refused(ApiError):
     """A well-formed request that the fleet as it is cannot satisfy (HTTP 404 or 409)."""
 
 
+# what a heartbeat carries about the server's health, kept as sent (docs/monitoring.md)
+HEALTH_KEYS = (
+    "latency_ms",
+    "io_errors",
+    "smart",
+    "latency_histogram",
+    "checksum_discrepancies",
+    "failure",
+    "volumes",
+    "hosted",
+)
+
+
 def allocations(volumes: list[Volume], skip: str | None = None) -> Counter[str]:
     """Bytes placed on each server by VOLUMES (primary and shadows), leaving out SKIP."""
     placed: Counter[str] = Counter()
@@ -171,7 +184,9 @@ class Fleet:
             ) from None
         server.used_bytes = body["used_bytes"]
         server.io_load = body.get("io_load", server.io_load)
-        server.health = {k: body[k] for k in ("latency_ms", "io_errors", "smart") if k in body}
+        server.health = {k: body[k] for k in HEALTH_KEYS if k in body}
+        if "failure" in body:
+            server.failure_probability = body["failure"]["probability"]
         server.last_heartbeat = now
         if server.state is ServerState.DOWN:
             server.state = ServerState.UP
@@ -260,6 +275,13 @@ class Fleet:
                     fence=fence,
                 )
             )
+
+    def report_switchover(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Log how a switchover of volume NAME ended (the event the dashboard and alerts read)."""
+        self.store.get_volume(name)  # NotFound: a 404 for a volume never created
+        event = Event("switchover-result", name, body)
+        event.seq = self.store.append_event(event)
+        return event.to_dict()
 
     def mark_silent_down(self, timeout_s: float, now: float) -> list[str]:
         """Mark down every up server whose last heartbeat is older than TIMEOUT_S."""
