@@ -1,0 +1,639 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The NBD transmission hot loop: READ, WRITE and FLUSH without the GIL, several workers per
+connection.
+
+A Connection is shared by a few Worker threads, like nbdkit's per-connection thread pool. The
+worker holding the receive lock reads from the socket into its own buffer, takes every complete
+request it finds (a pipelined batch), hands any partial tail to the next reader and lets go of
+the lock; then it asks the tracker (one call, with the GIL, per batch) to record the batch's
+writes before any is issued, does pread/pwrite/fdatasync, and sends the batch's replies under
+the send lock. So one worker receives while others write, and small requests are still batched.
+
+A request the fast path does not handle (other commands, bad flags or ranges, bad magic) makes
+run() return SLOW with the receive lock still held: the Python handler
+(shadowblk.nbd.transmission) reads it with take(), answers through Connection.send(), and calls
+run() again.
+"""
+
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove
+from libc.errno cimport errno, EINTR, EAGAIN, EPERM, EROFS, ENOSPC, EDQUOT, EFBIG, EINVAL, ENOMEM
+from posix.types cimport off_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.list cimport PyList_GET_SIZE
+from shadowblk._native.bitmap cimport Bitmap
+
+import logging
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void *buf, size_t count, off_t offset)
+    ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
+    int fdatasync(int fd)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+    int MSG_DONTWAIT
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
+    short POLLOUT
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+cdef extern from "<endian.h>" nogil:
+    uint16_t be16toh(uint16_t x)
+    uint32_t be32toh(uint32_t x)
+    uint64_t be64toh(uint64_t x)
+    uint16_t htobe16(uint16_t x)
+    uint32_t htobe32(uint32_t x)
+    uint64_t htobe64(uint64_t x)
+
+log = logging.getLogger("shadowblk.nbd.transmission")
+
+cdef enum:
+    HDR = 28
+    BATCH = 64
+    REQUEST_MAGIC = 0x25609513
+    SIMPLE_MAGIC = 0x67446698
+    STRUCTURED_MAGIC = 0x668E33EF
+    CMD_READ = 0
+    CMD_WRITE = 1
+    CMD_FLUSH = 3
+    FLAG_FUA = 1
+    FLAG_DF = 4
+    REPLY_FLAG_DONE = 1
+    TYPE_NONE = 0
+    TYPE_OFFSET_DATA = 1
+    TYPE_ERROR = 32769
+    POLL_MS = 200
+    GREEDY_RECV = 262144  # most bytes read ahead of a request whose size is not known yet
+    SEND_EARLY = 1048576
+    NBD_EIO = 5
+    REGION_COLD = 0  # shadowblk.tracking.tracker: COLD, CARRIED, WRITTEN
+    REGION_WRITTEN = 2
+    LOOP_CLOSED = 0
+    LOOP_SLOW = 1
+    LOOP_STOPPED = 2
+
+# run() results, for Python
+CLOSED = LOOP_CLOSED
+SLOW = LOOP_SLOW
+STOPPED = LOOP_STOPPED
+
+
+cdef struct Request:
+    uint16_t flags
+    uint16_t cmd
+    uint64_t cookie  # as sent, never byte-swapped
+    uint64_t offset
+    uint32_t length
+    size_t data
+
+
+cdef class StopFlag:
+    """Set once by the server at shutdown; every worker sees it within POLL_MS."""
+
+    cdef int value
+
+    def set(self):
+        self.value = 1
+
+    def is_set(self):
+        return self.value != 0
+
+
+cdef inline uint32_t nbd_errno(int err) noexcept nogil:
+    if err == EPERM or err == EROFS:
+        return 1
+    if err == ENOSPC or err == EDQUOT or err == EFBIG:
+        return 28
+    if err == EINVAL:
+        return 22
+    if err == ENOMEM:
+        return 12
+    return NBD_EIO
+
+
+cdef inline void put32(char *p, uint32_t v) noexcept nogil:
+    v = htobe32(v)
+    memcpy(p, &v, 4)
+
+
+cdef inline void put16(char *p, uint16_t v) noexcept nogil:
+    v = htobe16(v)
+    memcpy(p, &v, 2)
+
+
+cdef inline void put64(char *p, uint64_t v) noexcept nogil:
+    v = htobe64(v)
+    memcpy(p, &v, 8)
+
+
+cdef int grow(char **buf, size_t *cap, size_t need) noexcept nogil:
+    cdef size_t n = cap[0] if cap[0] else 4096
+    while n < need:
+        n *= 2
+    cdef char *p = <char *>realloc(buf[0], n)
+    if p == NULL:
+        return -1
+    buf[0] = p
+    cap[0] = n
+    return 0
+
+
+cdef class Connection:
+    """What the workers of one client connection share: the socket, the volume, two locks and
+    the partial request one reader leaves to the next."""
+
+    cdef int sock
+    cdef int vol
+    cdef uint64_t size
+    cdef uint32_t max_payload
+    cdef bint read_only
+    cdef bint structured
+    cdef object tracker
+    cdef object on_flush
+    cdef object t_acquire
+    cdef object t_release
+    cdef Bitmap t_bitmap
+    cdef bytearray t_hot
+    cdef list t_observers
+    cdef int t_shift
+    cdef StopFlag stop_flag
+    cdef int *stopping
+    cdef int closing
+    cdef pthread_mutex_t recv_lock
+    cdef pthread_mutex_t send_lock
+    cdef char *carry
+    cdef size_t carry_len
+    cdef size_t carry_cap
+
+    def __cinit__(
+        self, int sock, int vol, uint64_t size, uint32_t max_payload, bint read_only,
+        bint structured, object tracker, object on_flush, StopFlag stop_flag not None,
+    ):
+        self.sock = sock
+        self.vol = vol
+        self.size = size
+        self.max_payload = max_payload
+        self.read_only = read_only
+        self.structured = structured
+        self.tracker = tracker
+        self.on_flush = on_flush
+        if tracker is not None:
+            # the tracker never replaces these objects, it changes them in place
+            self.t_acquire = tracker.lock.acquire
+            self.t_release = tracker.lock.release
+            self.t_bitmap = tracker.bitmap
+            self.t_hot = tracker.hot
+            self.t_observers = tracker.observers
+            self.t_shift = tracker.region_shift
+        self.stop_flag = stop_flag
+        self.stopping = &stop_flag.value
+        pthread_mutex_init(&self.recv_lock, NULL)
+        pthread_mutex_init(&self.send_lock, NULL)
+
+    def __dealloc__(self):
+        pthread_mutex_destroy(&self.recv_lock)
+        pthread_mutex_destroy(&self.send_lock)
+        free(self.carry)
+
+    def send(self, bytes data not None):
+        """Send a reply built in Python, never interleaved with the workers' replies."""
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef size_t n = PyBytes_GET_SIZE(data)
+        cdef int rc
+        with nogil:
+            pthread_mutex_lock(&self.send_lock)
+            rc = self._send_all(p, n)
+            pthread_mutex_unlock(&self.send_lock)
+        if rc != 0:
+            raise ConnectionError("client gone while sending a reply")
+
+    def close(self):
+        """Make every worker end at its next turn."""
+        self.closing = 1
+
+    cdef int _send_all(self, const char *p, size_t n) noexcept nogil:
+        """Nonzero when the client is gone (then every worker ends)."""
+        cdef size_t done = 0
+        cdef ssize_t sent
+        cdef pollfd pfd
+        while done < n:
+            sent = send(self.sock, p + done, n - done, MSG_NOSIGNAL)
+            if sent > 0:
+                done += sent
+            elif sent < 0 and errno == EINTR:
+                continue
+            elif sent < 0 and errno == EAGAIN:
+                pfd.fd = self.sock
+                pfd.events = POLLOUT
+                pfd.revents = 0
+                poll(&pfd, 1, POLL_MS)
+            else:
+                self.closing = 1
+                return 1
+        return 0
+
+    cdef bint _eligible(self, Request *r) noexcept nogil:
+        """Whether the fast path may run R; everything else goes to Python."""
+        if r.cmd == CMD_FLUSH:
+            return (r.flags & ~FLAG_FUA) == 0
+        if r.length == 0 or r.length > self.max_payload:
+            return False
+        if r.offset > self.size or r.length > self.size - r.offset:
+            return False
+        if r.cmd == CMD_READ:
+            if self.structured:
+                return (r.flags & ~(FLAG_FUA | FLAG_DF)) == 0
+            return (r.flags & ~FLAG_FUA) == 0
+        if r.cmd == CMD_WRITE:
+            return not self.read_only and (r.flags & ~FLAG_FUA) == 0
+        return False
+
+
+cdef class Worker:
+    """One thread's share of a connection: its own buffers and batch."""
+
+    cdef Connection conn
+    cdef char *inbuf
+    cdef size_t incap
+    cdef size_t inpos
+    cdef size_t inend
+    cdef char *outbuf
+    cdef size_t outcap
+    cdef size_t outlen
+    cdef bint holding
+    cdef Request batch[BATCH]
+
+    def __cinit__(self, Connection conn not None):
+        self.conn = conn
+        if grow(&self.inbuf, &self.incap, GREEDY_RECV + HDR) != 0:
+            raise MemoryError()
+        if grow(&self.outbuf, &self.outcap, 65536) != 0:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.holding:
+            pthread_mutex_unlock(&self.conn.recv_lock)
+        free(self.inbuf)
+        free(self.outbuf)
+
+    def take(self, size_t n):
+        """Up to N bytes still buffered, for the Python handler of a SLOW request."""
+        cdef size_t avail = self.inend - self.inpos
+        if n > avail:
+            n = avail
+        data = PyBytes_FromStringAndSize(self.inbuf + self.inpos, n)
+        self.inpos += n
+        return data
+
+    def release(self):
+        """Give up the receive lock after the Python handler failed (the connection is ending)."""
+        self.conn.closing = 1
+        if self.holding:
+            self._release()
+
+    def run(self):
+        """Serve until the client goes (CLOSED), a request needs Python (SLOW, receive lock
+        kept) or the server stops (STOPPED)."""
+        cdef int status
+        with nogil:
+            status = self._run()
+        if status < 0:
+            self.conn.closing = 1
+            raise MemoryError()
+        return status
+
+    cdef void _release(self) noexcept nogil:
+        """Leave the unread tail to the next reader and let go of the receive lock."""
+        cdef size_t rem = self.inend - self.inpos
+        if rem:
+            if rem > self.conn.carry_cap and grow(&self.conn.carry, &self.conn.carry_cap, rem) != 0:
+                self.conn.closing = 1
+            else:
+                memcpy(self.conn.carry, self.inbuf + self.inpos, rem)
+                self.conn.carry_len = rem
+        self.inpos = self.inend = 0
+        self.holding = 0
+        pthread_mutex_unlock(&self.conn.recv_lock)
+
+    cdef int _acquire(self) noexcept nogil:
+        """Take the receive lock and the previous reader's tail; nonzero if the connection ends."""
+        pthread_mutex_lock(&self.conn.recv_lock)
+        self.holding = 1
+        self.inpos = self.inend = 0
+        if self.conn.closing:
+            return 1
+        if self.conn.carry_len:
+            if self.conn.carry_len > self.incap and grow(&self.inbuf, &self.incap, self.conn.carry_len) != 0:
+                self.conn.closing = 1
+                return 1
+            memcpy(self.inbuf, self.conn.carry, self.conn.carry_len)
+            self.inend = self.conn.carry_len
+            self.conn.carry_len = 0
+        return 0
+
+    cdef int _parse(self, int *slow, size_t *need) noexcept nogil:
+        """Complete fast requests at the head of the buffer into the batch; returns how many.
+        SLOW: a request for Python follows them. NEED: bytes the next request still lacks."""
+        cdef size_t p = self.inpos, avail
+        cdef uint32_t magic
+        cdef Request *r
+        cdef int n = 0
+        slow[0] = 0
+        need[0] = 0
+        while n < BATCH:
+            avail = self.inend - p
+            if avail < HDR:
+                need[0] = HDR - avail
+                break
+            r = &self.batch[n]
+            memcpy(&magic, self.inbuf + p, 4)
+            memcpy(&r.flags, self.inbuf + p + 4, 2)
+            memcpy(&r.cmd, self.inbuf + p + 6, 2)
+            memcpy(&r.cookie, self.inbuf + p + 8, 8)
+            memcpy(&r.offset, self.inbuf + p + 16, 8)
+            memcpy(&r.length, self.inbuf + p + 24, 4)
+            r.flags = be16toh(r.flags)
+            r.cmd = be16toh(r.cmd)
+            r.offset = be64toh(r.offset)
+            r.length = be32toh(r.length)
+            if be32toh(magic) != REQUEST_MAGIC or not self.conn._eligible(r):
+                slow[0] = 1
+                break
+            if r.cmd == CMD_WRITE:
+                if avail < HDR + <size_t>r.length:
+                    need[0] = HDR + <size_t>r.length - avail
+                    break
+                r.data = p + HDR
+                p += HDR + r.length
+            else:
+                p += HDR
+            n += 1
+        self.inpos = p
+        return n
+
+    cdef int _receive(self, size_t need) noexcept nogil:
+        """Read more: exactly NEED bytes' worth when the next request's size is known (so a big
+        payload is never split with the next reader), else up to GREEDY_RECV. 1 when bytes
+        came, else LOOP_CLOSED or LOOP_STOPPED."""
+        cdef size_t want = need if need > HDR else GREEDY_RECV
+        cdef ssize_t got
+        cdef pollfd pfd
+        cdef int rc
+        if self.inpos > 0:
+            if self.inend > self.inpos:
+                memmove(self.inbuf, self.inbuf + self.inpos, self.inend - self.inpos)
+            self.inend -= self.inpos
+            self.inpos = 0
+        if self.inend + want > self.incap and grow(&self.inbuf, &self.incap, self.inend + want) != 0:
+            return -1
+        while True:
+            got = recv(self.conn.sock, self.inbuf + self.inend, want, MSG_DONTWAIT)
+            if got > 0:
+                self.inend += got
+                return 1
+            if got == 0:
+                return LOOP_CLOSED
+            if errno == EINTR:
+                continue
+            if errno != EAGAIN:
+                return LOOP_CLOSED
+            while True:
+                if self.conn.stopping[0]:
+                    return LOOP_STOPPED
+                if self.conn.closing:
+                    return LOOP_CLOSED
+                pfd.fd = self.conn.sock
+                pfd.events = POLLIN
+                pfd.revents = 0
+                rc = poll(&pfd, 1, POLL_MS)
+                if rc > 0:
+                    break
+                if rc < 0 and errno != EINTR:
+                    return LOOP_CLOSED
+
+    cdef int _run(self) noexcept nogil:
+        cdef int n, i, slow, rc, nwrites, tracked_ok
+        cdef size_t need
+        while True:
+            if not self.holding and self._acquire() != 0:
+                self._release()
+                return LOOP_CLOSED
+            while True:
+                n = self._parse(&slow, &need)
+                if n > 0 or slow:
+                    break
+                rc = self._receive(need)
+                if rc != 1:
+                    self.conn.closing = 1
+                    self._release()
+                    return -1 if rc < 0 else rc
+            if n == 0:
+                return LOOP_SLOW  # still holding: the request at the head is Python's
+            if not slow:
+                self._release()  # another worker reads on while this one executes
+            nwrites = 0
+            for i in range(n):
+                if self.batch[i].cmd == CMD_WRITE:
+                    nwrites += 1
+            tracked_ok = 1
+            if nwrites and self.conn.tracker is not None:
+                tracked_ok = self._track(n)
+            for i in range(n):
+                if self._execute(&self.batch[i], tracked_ok) < 0:
+                    if self.holding:
+                        self._release()
+                    return -1
+            self._flush_out()
+            if self.conn.closing:
+                if self.holding:
+                    self._release()
+                return LOOP_CLOSED
+            if slow:
+                return LOOP_SLOW
+
+    cdef void _flush_out(self) noexcept nogil:
+        if self.outlen:
+            pthread_mutex_lock(&self.conn.send_lock)
+            self.conn._send_all(self.outbuf, self.outlen)
+            pthread_mutex_unlock(&self.conn.send_lock)
+            self.outlen = 0
+
+    cdef int _room(self, size_t n) noexcept nogil:
+        """Make N bytes free at the end of the reply buffer."""
+        if self.outlen + n <= self.outcap:
+            return 0
+        self._flush_out()
+        if n > self.outcap and grow(&self.outbuf, &self.outcap, n) != 0:
+            return -1
+        return 0
+
+    cdef int _reply(self, Request *r, uint32_t error) noexcept nogil:
+        """A reply without data: simple, or a structured NONE/ERROR chunk for a READ."""
+        cdef char *q
+        if self._room(32) != 0:
+            return -1
+        q = self.outbuf + self.outlen
+        if self.conn.structured and (error or r.cmd == CMD_READ):
+            put32(q, STRUCTURED_MAGIC)
+            put16(q + 4, REPLY_FLAG_DONE)
+            put16(q + 6, TYPE_ERROR if error else TYPE_NONE)
+            memcpy(q + 8, &r.cookie, 8)
+            if error:
+                put32(q + 16, 6)
+                put32(q + 20, error)
+                put16(q + 24, 0)
+                self.outlen += 26
+            else:
+                put32(q + 16, 0)
+                self.outlen += 20
+        else:
+            put32(q, SIMPLE_MAGIC)
+            put32(q + 4, error)
+            memcpy(q + 8, &r.cookie, 8)
+            self.outlen += 16
+        return 0
+
+    cdef int _execute(self, Request *r, int tracked_ok) noexcept nogil:
+        cdef size_t head, done
+        cdef ssize_t got
+        cdef char *q
+        cdef uint32_t error = 0
+        if r.cmd == CMD_READ:
+            head = 28 if self.conn.structured else 16
+            if self._room(head + r.length) != 0:
+                return -1
+            q = self.outbuf + self.outlen
+            done = 0
+            while done < r.length:
+                got = pread(self.conn.vol, q + head + done, r.length - done, r.offset + done)
+                if got > 0:
+                    done += got
+                elif got < 0 and errno == EINTR:
+                    continue
+                else:
+                    error = nbd_errno(errno) if got < 0 else NBD_EIO
+                    break
+            if error:
+                return self._reply(r, error)
+            if self.conn.structured:
+                put32(q, STRUCTURED_MAGIC)
+                put16(q + 4, REPLY_FLAG_DONE)
+                put16(q + 6, TYPE_OFFSET_DATA)
+                memcpy(q + 8, &r.cookie, 8)
+                put32(q + 16, r.length + 8)
+                put64(q + 20, r.offset)
+            else:
+                put32(q, SIMPLE_MAGIC)
+                put32(q + 4, 0)
+                memcpy(q + 8, &r.cookie, 8)
+            self.outlen += head + r.length
+        elif r.cmd == CMD_WRITE:
+            if not tracked_ok:
+                error = NBD_EIO
+            else:
+                done = 0
+                while done < r.length:
+                    got = pwrite(self.conn.vol, self.inbuf + r.data + done, r.length - done,
+                                 r.offset + done)
+                    if got > 0:
+                        done += got
+                    elif got < 0 and errno == EINTR:
+                        continue
+                    else:
+                        error = nbd_errno(errno) if got < 0 else NBD_EIO
+                        break
+                if not error and (r.flags & FLAG_FUA) and fdatasync(self.conn.vol) != 0:
+                    error = nbd_errno(errno)
+            if self._reply(r, error) != 0:
+                return -1
+        else:  # CMD_FLUSH
+            if fdatasync(self.conn.vol) != 0:
+                error = nbd_errno(errno)
+            elif self.conn.on_flush is not None:
+                error = self._flushed()
+            if self._reply(r, error) != 0:
+                return -1
+        if self.outlen >= SEND_EARLY:
+            self._flush_out()
+        return 0
+
+    cdef int _track(self, int n) noexcept nogil:
+        """Mark the batch's writes before any is issued; 0 if tracking failed (the writes then
+        fail). Writes into regions already in the activity log are marked right here, under
+        the tracker's lock; otherwise the tracker logs the new regions durably first."""
+        cdef int ok = 1
+        with gil:
+            try:
+                if not PyList_GET_SIZE(self.conn.t_observers) and self._mark_logged(n):
+                    return 1
+                offsets = []
+                lengths = []
+                for i in range(n):
+                    if self.batch[i].cmd == CMD_WRITE:
+                        offsets.append(self.batch[i].offset)
+                        lengths.append(self.batch[i].length)
+                self.conn.tracker.before_writes(offsets, lengths)
+            except BaseException:
+                log.exception("write tracking failed; refusing the writes")
+                ok = 0
+        return ok
+
+    cdef bint _mark_logged(self, int n) except -1:
+        """With the GIL: mark the batch if every region it touches is logged already."""
+        cdef Connection c = self.conn
+        cdef char *hot
+        cdef Request *r
+        cdef uint64_t first, last, k
+        cdef int i
+        cdef bint logged = True
+        c.t_acquire()
+        try:
+            hot = PyByteArray_AS_STRING(c.t_hot)
+            for i in range(n):
+                r = &self.batch[i]
+                if r.cmd == CMD_WRITE:
+                    first = r.offset >> c.t_shift
+                    last = (r.offset + r.length - 1) >> c.t_shift
+                    for k in range(first, last + 1):
+                        if hot[k] == REGION_COLD:
+                            logged = False
+            if logged:
+                for i in range(n):
+                    r = &self.batch[i]
+                    if r.cmd == CMD_WRITE:
+                        first = r.offset >> c.t_shift
+                        last = (r.offset + r.length - 1) >> c.t_shift
+                        for k in range(first, last + 1):
+                            hot[k] = REGION_WRITTEN
+                        c.t_bitmap.mark_range(r.offset, r.length)
+        finally:
+            c.t_release()
+        return logged
+
+    cdef uint32_t _flushed(self) noexcept nogil:
+        cdef uint32_t error = 0
+        with gil:
+            try:
+                self.conn.on_flush()
+            except BaseException:
+                log.exception("flush observer failed")
+                error = NBD_EIO
+        return error

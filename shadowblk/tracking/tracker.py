@@ -1,0 +1,216 @@
+"""In-band write tracking for a served volume: the dirty bitmap, its durable state, observers.
+
+Durability rule (the same promise as dm-era and DRBD's activity log): a write is issued only
+after its region is recorded in the activity log, so after a crash the dirty set recovered as
+saved bitmap ∪ every logged region can over-report but never forget a written block. The full
+bitmap is saved at every checkpoint (periodic and at a clean stop); a clean stop loses nothing.
+
+State folder: `volume.json` (geometry), `dirty.bitmap` (DirtyBitmap.save format), `hot-*.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from shadowblk.tracking.activity_log import (
+    ActivityLog,
+    ActivityLogCorruptError,
+    generations,
+    log_path,
+    read_regions,
+)
+from shadowblk.tracking.bitmap import BitmapCorruptError, DirtyBitmap
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REGION_SIZE = 4 << 20
+GEOMETRY_FILE = "volume.json"
+BITMAP_FILE = "dirty.bitmap"
+
+
+class StateError(Exception):
+    """The state folder cannot be used for this volume (missing, foreign, other geometry)."""
+
+
+class WriteObserver(Protocol):
+    """What the shadows layer plugs into the server. Both calls run on the connection's thread
+    and may block it (that is how a `sync` mode holds an acknowledgement back)."""
+
+    def on_write(self, offset: int, length: int) -> None:
+        """A WRITE, TRIM or WRITE_ZEROES of this range is about to be issued; raising fails it
+        with EIO before the volume is touched."""
+
+    def on_flush(self) -> None:
+        """Every write acknowledged so far is durable on the volume; the FLUSH reply waits for
+        this to return (the natural place to cut an epoch)."""
+
+
+def read_geometry(state_dir: Path) -> dict[str, int]:
+    path = state_dir / GEOMETRY_FILE
+    try:
+        geometry = json.loads(path.read_text())
+        return {k: int(geometry[k]) for k in ("size", "block_size", "region_size")}
+    except FileNotFoundError:
+        raise StateError(f"{state_dir} is not a shadowblk tracking state folder") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{path}: unreadable ({exc})") from None
+
+
+def recover_dirty(state_dir: Path) -> tuple[DirtyBitmap, list[str]]:
+    """The dirty set the state folder proves: saved bitmap ∪ logged regions. Damaged state is
+    never trusted: it makes the whole volume dirty (over-report), with a note saying why."""
+    geometry = read_geometry(state_dir)
+    for _ in range(10):
+        try:
+            return _read_state(state_dir, geometry)
+        except FileNotFoundError:
+            continue  # a live server retired a log while we read: read again
+    return _read_state(state_dir, geometry)
+
+
+def _read_state(state_dir: Path, geometry: dict[str, int]) -> tuple[DirtyBitmap, list[str]]:
+    size, block_size, region_size = (
+        geometry["size"],
+        geometry["block_size"],
+        geometry["region_size"],
+    )
+    notes: list[str] = []
+    bitmap = DirtyBitmap(size, block_size)
+    saved = state_dir / BITMAP_FILE
+    logs = generations(state_dir)
+    try:
+        if saved.exists():
+            loaded = DirtyBitmap.load(saved)
+            if (loaded.size, loaded.block_size) != (size, block_size):
+                raise BitmapCorruptError(f"{saved}: geometry differs from {GEOMETRY_FILE}")
+            bitmap.union(loaded)
+        for generation in logs:
+            for region in read_regions(log_path(state_dir, generation)):
+                start = region * region_size
+                if start >= size:
+                    raise ActivityLogCorruptError(f"region {region} lies beyond the volume")
+                bitmap.mark(start, min(region_size, size - start))
+    except FileNotFoundError:
+        raise
+    except (BitmapCorruptError, ActivityLogCorruptError, OSError) as exc:
+        notes.append(f"tracking state damaged, reporting the whole volume dirty: {exc}")
+        bitmap.mark(0, size)
+    return bitmap, notes
+
+
+# per-region state in WriteTracker.hot
+COLD = 0  # not in the current activity log: the first write must record it
+CARRIED = 1  # in the log, carried over from the previous interval
+WRITTEN = 2  # in the log and written during the current interval
+_AGE = bytes.maketrans(bytes([COLD, CARRIED, WRITTEN]), bytes([COLD, COLD, CARRIED]))
+
+
+class WriteTracker:
+    """Marks every write before it is issued and keeps that knowledge durable in STATE_DIR.
+
+    `hot` (one byte per region), `region_shift`, `lock` and `bitmap` are also read by the
+    Cython transmission loop, which marks writes into already-logged regions itself, under
+    `lock`, and calls before_writes() only when a region must be logged first.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        size: int,
+        block_size: int = 4096,
+        region_size: int = DEFAULT_REGION_SIZE,
+        save_interval: float = 30.0,
+    ) -> None:
+        if region_size < block_size or region_size & (region_size - 1):
+            raise ValueError(f"region size {region_size} is not a power of two >= the block size")
+        self.state_dir = state_dir
+        self.region_size = region_size
+        self.region_shift = region_size.bit_length() - 1
+        self.observers: list[WriteObserver] = []
+        state_dir.mkdir(parents=True, exist_ok=True)
+        geometry = {"size": size, "block_size": block_size, "region_size": region_size}
+        if (state_dir / GEOMETRY_FILE).exists():
+            found = read_geometry(state_dir)
+            if found != geometry:
+                raise StateError(
+                    f"{state_dir} tracks a volume with geometry {found}, not {geometry}"
+                )
+            self.bitmap, notes = recover_dirty(state_dir)
+            for note in notes:
+                log.warning("%s", note)
+        else:
+            DirtyBitmap(size, block_size)  # validates the geometry before anything is written
+            (state_dir / GEOMETRY_FILE).write_text(json.dumps(geometry))
+            self.bitmap = DirtyBitmap(size, block_size)
+        self.lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
+        self.hot = bytearray(((size - 1) >> self.region_shift) + 1)
+        self._log = ActivityLog(state_dir)
+        self.checkpoint(force=True)
+        self._stop = threading.Event()
+        self._saver = threading.Thread(
+            target=self._save_loop, args=(save_interval,), name="tracking-saver", daemon=True
+        )
+        self._saver.start()
+
+    def before_writes(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        """Record and mark a batch of ranges about to be written; returns once that is durable."""
+        shift = self.region_shift
+        mark = self.bitmap.mark
+        with self.lock:
+            hot = self.hot
+            new: list[int] = []
+            for offset, length in zip(offsets, lengths, strict=True):
+                for region in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+                    if hot[region] == COLD:
+                        new.append(region)
+                    hot[region] = WRITTEN
+                mark(offset, length)
+            if new:
+                self._log.record(new)
+        for observer in self.observers:
+            for offset, length in zip(offsets, lengths, strict=True):
+                observer.on_write(offset, length)
+
+    def after_flush(self) -> None:
+        for observer in self.observers:
+            observer.on_flush()
+
+    def checkpoint(self, final: bool = False, force: bool = False) -> None:
+        """Save the bitmap and retire the activity log it now covers. Regions written in the
+        interval that ends now stay logged (the new log starts with them), the others retire:
+        steady writes never pay the log's fsync again. FINAL (a clean stop, no write can
+        follow) carries nothing, so the saved state is exact."""
+        with self._checkpoint_lock:
+            with self.lock:
+                if WRITTEN not in self.hot and not force:
+                    return
+                snapshot = self.bitmap.copy()
+                flags = np.frombuffer(self.hot, dtype=np.uint8)
+                carry = [] if final else np.flatnonzero(flags == WRITTEN).tolist()
+                del flags  # a live export of the bytearray would forbid changing it
+                superseded = self._log.rotate(carry)
+                self.hot[:] = bytes(len(self.hot)) if final else self.hot.translate(_AGE)
+            snapshot.save(self.state_dir / BITMAP_FILE)
+            self._log.drop(superseded)
+
+    def _save_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.checkpoint()
+            except OSError:
+                log.exception("periodic save of the tracking state failed; the log still holds it")
+
+    def close(self) -> None:
+        """Final checkpoint at a clean stop: afterwards the bitmap file alone is exact."""
+        self._stop.set()
+        self._saver.join()
+        self.checkpoint(final=True, force=True)
+        self._log.close()

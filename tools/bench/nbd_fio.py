@@ -1,0 +1,212 @@
+"""NBD server benchmark: fio's nbd engine against shadowblk (tracking on and off), `nbdkit file`
+and `qemu-nbd`, all on the same pre-filled file in the page cache, interleaved in one run.
+
+    python -m tools.bench.nbd_fio [--runtime 10] [--rounds 1] [--size 1G] [--dir DIR]
+
+Every server runs buffered through the page cache (nbdkit cache=default, qemu-nbd
+--cache=writeback --aio=threads), so the comparison is between the servers, not cache modes.
+Prints a markdown table of medians with ratios to nbdkit and tracking on/off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WORKLOADS = [
+    ("4k randwrite qd16", "randwrite", "4k", 16),
+    ("4k randread qd16", "randread", "4k", 16),
+    ("1M write qd4", "write", "1M", 4),
+    ("1M read qd4", "read", "1M", 4),
+    ("4k randwrite qd1", "randwrite", "4k", 1),
+]
+SERVERS = ["shadowblk", "shadowblk-notrack", "nbdkit", "qemu-nbd"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start_server(kind: str, image: Path, port: int, state: Path) -> subprocess.Popen:
+    if kind.startswith("shadowblk"):
+        argv = [sys.executable, "-m", "shadowblk.cli", "serve", str(image)]
+        argv += ["--listen", f"127.0.0.1:{port}", "--name", "vol"]
+        if kind == "shadowblk":
+            shutil.rmtree(state, ignore_errors=True)
+            argv += ["--state-dir", str(state)]
+    elif kind == "nbdkit":
+        argv = ["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "-e", "vol"]
+        argv += ["file", str(image), "cache=default"]
+    else:
+        argv = ["qemu-nbd", "-t", "-p", str(port), "-b", "127.0.0.1", "-x", "vol", "-f", "raw"]
+        argv += ["--cache=writeback", "--aio=threads", "--shared=8", str(image)]
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_port(port, proc)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Result:
+    iops: float
+    mib_s: float
+    p50_us: float
+    p99_us: float
+
+
+def run_fio(port: int, rw: str, bs: str, depth: int, size: str, runtime: int, out: Path) -> Result:
+    argv = [
+        "fio",
+        "--name=bench",
+        "--ioengine=nbd",
+        f"--uri=nbd://127.0.0.1:{port}/vol",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        f"--iodepth={depth}",
+        f"--size={size}",
+        f"--runtime={runtime}",
+        "--time_based",
+        "--ramp_time=1",
+        "--lat_percentiles=1",
+        "--percentile_list=50:99",
+        "--output-format=json",
+        f"--output={out}",
+    ]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = json.loads(out.read_text())["jobs"][0]
+    if job["job options"].get("ioengine") != "nbd" or job["error"]:
+        raise RuntimeError(f"fio did not run the nbd engine cleanly: {job['error']}")
+    side = job["write" if "write" in rw else "read"]
+    pct = side["lat_ns"].get("percentile", {})
+    return Result(
+        side["iops"],
+        side["bw_bytes"] / 2**20,
+        pct.get("50.000000", 0) / 1000,
+        pct.get("99.000000", 0) / 1000,
+    )
+
+
+def fill(image: Path, size: int) -> None:
+    """Real data everywhere, so reads come from cached pages, not from holes."""
+    chunk = os.urandom(1 << 20)
+    with open(image, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(chunk)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the comparison; ARGV None (as from tools.bench.run) means the defaults."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runtime", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--workloads", default="all", help="comma-separated indexes, or all")
+    args = ap.parse_args(argv or [])
+    servers = args.servers.split(",")
+    workloads = (
+        WORKLOADS
+        if args.workloads == "all"
+        else [WORKLOADS[int(i)] for i in args.workloads.split(",")]
+    )
+    size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # run the cleanup below on TERM
+    work = Path(tempfile.mkdtemp(prefix="nbdbench-", dir=args.dir))
+    image, state = work / "vol.img", work / "state"
+    results: dict[tuple[str, str], list[Result]] = {}
+    try:
+        fill(image, size)
+        for rnd in range(args.rounds):
+            for name, rw, bs, depth in workloads:
+                order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
+                for kind in order:
+                    port = free_port()
+                    proc = start_server(kind, image, port, state)
+                    os.sync()  # no server inherits the previous one's dirty pages
+                    try:
+                        res = run_fio(
+                            port, rw, bs, depth, args.size, args.runtime, work / "fio.json"
+                        )
+                    finally:
+                        stop_server(proc)
+                    results.setdefault((name, kind), []).append(res)
+                    print(
+                        f"# round {rnd} {name:18} {kind:18} {res.iops:9.0f} IOPS "
+                        f"{res.mib_s:8.1f} MiB/s p50 {res.p50_us:7.1f} us p99 {res.p99_us:7.1f} us",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(results, servers, workloads)
+
+
+def report(results, servers, workloads) -> None:
+    def med(name: str, kind: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in results[(name, kind)])
+
+    print("| workload | " + " | ".join(servers) + " | shadowblk / nbdkit | tracking on / off |")
+    print("|---" * (len(servers) + 3) + "|")
+    for name, _, bs, _ in workloads:
+        attr = "mib_s" if bs == "1M" else "iops"
+        unit = "MiB/s" if bs == "1M" else "IOPS"
+        cells = [f"{med(name, k, attr):.0f} {unit}" for k in servers]
+        ratio = (
+            med(name, "shadowblk", attr) / med(name, "nbdkit", attr) if "nbdkit" in servers else 0
+        )
+        track = (
+            med(name, "shadowblk", attr) / med(name, "shadowblk-notrack", attr)
+            if "shadowblk-notrack" in servers
+            else 0
+        )
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f}× | {track:.2f}× |")
+        if name.endswith("qd1"):
+            lat = [f"{med(name, k, 'p50_us'):.0f}/{med(name, k, 'p99_us'):.0f} µs" for k in servers]
+            print(f"| {name} latency p50/p99 | " + " | ".join(lat) + " | | |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
