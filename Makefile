@@ -4,12 +4,14 @@
 #   make bench     the benchmarks (never part of the tests); figures in docs/benchmarks.md
 #   make demo      the main job on one machine
 #   make lint      ruff
+#   make kernel-lab          only the tests that boot a Debian kernel under QEMU
+#   make prediction-report   retrain on shared/data and regenerate docs/prediction.md
 
 VENV   := $(CURDIR)/.venv
 PY     := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: install deps system-deps python-deps build test bench demo lint clean
+.PHONY: install deps system-deps python-deps build test bench demo lint clean kernel-lab prediction-report
 
 install: deps
 	ln -sf $(VENV)/bin/shadowblk /usr/local/bin/shadowblk
@@ -37,6 +39,12 @@ bench: deps
 
 demo: deps
 	$(PY) -m tools.demo.run
+
+kernel-lab: deps
+	$(PY) -m pytest -q -ra tests/kernel tests/unit/test_dm_era_reader.py tests/unit/test_dm_era_damage.py
+
+prediction-report: deps
+	$(PY) -m shadowblk.cli predict report --data ../shared/data/hds.csv.gz --out docs/prediction.md
 
 lint: python-deps
 	$(PY) -m ruff check shadowblk tests tools setup.py
