@@ -25,6 +25,9 @@ COMMANDS = {
     "server": "server",
     "placement": "placement",
     "status": "status",
+    "agent": "agent",
+    "lab": "lab",
+    "attach": "attach",
 }
 
 

@@ -1,0 +1,75 @@
+"""Follow the manager's volume map: repoint when the volume's primary endpoint or generation moves.
+
+The volume record (GET /v1/volumes/NAME) names the primary server and the generation; the
+primary's NBD endpoint is what its agent last reported in its heartbeat (`health.hosted[NAME]`
+of GET /v1/servers/PRIMARY, role primary, state running). The manager's client is synchronous:
+calls run in a thread so the router's I/O never waits on HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shadowblk.attach.router import Refused, Router
+from shadowblk.manager.client import Client, ManagerError
+
+log = logging.getLogger(__name__)
+
+
+def primary_endpoint(client: Client, volume: str) -> tuple[str, int] | None:
+    """(nbd:// URI, generation) of VOLUME's primary now; None while no endpoint is known."""
+    record = client.volume(volume)
+    server = client.server(record["primary"])
+    hosted = (server.get("health") or {}).get("hosted") or {}
+    entry = hosted.get(volume) or {}
+    endpoint = entry.get("endpoint") or ""
+    if entry.get("role") != "primary" or entry.get("state") != "running":
+        return None
+    if not endpoint.startswith("nbd://"):
+        return None
+    return endpoint, int(record["generation"])
+
+
+class Follower:
+    """Polls the manager and repoints the router when the primary changes."""
+
+    def __init__(self, client: Client, volume: str, interval: float = 0.5) -> None:
+        self.client, self.volume, self.interval = client, volume, interval
+
+    async def current(self) -> tuple[str, int] | None:
+        try:
+            return await asyncio.to_thread(primary_endpoint, self.client, self.volume)
+        except (ManagerError, KeyError, TypeError, ValueError) as exc:
+            log.warning("cannot read volume %s from the manager: %s", self.volume, exc)
+            return None
+
+    async def first(self, router: Router, timeout: float) -> None:
+        """Point the router at the primary, waiting up to TIMEOUT for the manager to know it."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            found = await self.current()
+            if found is not None:
+                await router.repoint(*found)
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise Refused(503, f"the manager knows no running primary for {self.volume}")
+            await asyncio.sleep(self.interval)
+
+    async def run(self, router: Router) -> None:
+        """Repoint whenever the manager's (endpoint, generation) differs from the router's."""
+        while True:
+            await asyncio.sleep(self.interval)
+            found = await self.current()
+            if found is None:
+                continue
+            uri, generation = found
+            now = str(router.upstream.target) if router.upstream else None
+            if (uri, generation) == (now, router.generation) and router.upstream_alive:
+                continue  # unchanged; the same endpoint after a loss is a reconnect (restart)
+            try:
+                result = await router.repoint(uri, generation)
+                log.info("followed the manager to %s generation %d: %s", uri, generation, result)
+            except Refused as exc:
+                log.warning("manager's primary %s (generation %d) refused: %s", uri, generation,
+                            exc)  # fmt: skip

@@ -1,0 +1,304 @@
+"""The router: every client request goes to the current upstream, through a gate.
+
+The gate is what turns a switchover into a pause instead of an error. A planned repoint
+connects to the new primary first, then closes the gate (new requests queue), waits for the
+in-flight ones to drain, swaps, and opens the gate again. A request whose upstream drops
+mid-flight is held (the gate closes by itself) and retried on the next upstream once a repoint
+opens the gate; only a request held longer than the hold time gets EIO. Writes re-issued on the
+new primary are safe (a block write is idempotent), and every retry goes to the upstream current
+at that moment, so a READ after a repoint is always answered by the new primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from shadowblk.attach.upstream import LOST, Done, Target, Upstream, UpstreamError
+from shadowblk.nbd import protocol as P
+
+log = logging.getLogger(__name__)
+
+# transmission flags the router can pass on to its clients (no DF: no structured replies)
+PASSED_FLAGS = (
+    P.TFLAG_HAS_FLAGS
+    | P.TFLAG_READ_ONLY
+    | P.TFLAG_SEND_FLUSH
+    | P.TFLAG_SEND_FUA
+    | P.TFLAG_SEND_TRIM
+    | P.TFLAG_SEND_WRITE_ZEROES
+    | P.TFLAG_CAN_MULTI_CONN
+    | P.TFLAG_SEND_CACHE
+    | P.TFLAG_SEND_FAST_ZERO
+)
+
+
+class Refused(Exception):
+    """A repoint the router will not do; STATUS is the HTTP status the control API answers."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Repoint:
+    """What one repoint measured, in milliseconds."""
+
+    uri: str
+    generation: int
+    pause_ms: float  # first request queued -> queue released (0 when nothing was queued)
+    gate_closed_ms: float  # gate closed -> gate opened
+    drain_ms: float  # gate closed -> in-flight requests finished
+    connect_ms: float  # connect and handshake with the new upstream (before the gate closes)
+    queued: int  # requests that waited at the gate
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Router:
+    """One volume's stable endpoint over a replaceable upstream connection."""
+
+    def __init__(self, hold_time: float = 30.0, drain_timeout: float = 10.0) -> None:
+        self.hold_time = hold_time
+        self.drain_timeout = drain_timeout
+        self.upstream: Upstream | None = None
+        self.generation = -1
+        self.size = 0
+        self.flags = 0
+        self.repoints = 0
+        self.requests = 0
+        self.errors = 0  # replies with an error sent to clients (upstream's or EIO)
+        self.retries = 0
+        self.expired = 0  # requests that waited past the hold time
+        self.last: Repoint | None = None
+        self._open = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._active = 0
+        self._waiting = 0
+        self._first_queued: float | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
+
+    @property
+    def upstream_alive(self) -> bool:
+        return self.upstream is not None and not self.upstream.lost.is_set()
+
+    # --- requests ---------------------------------------------------------------------------
+    def submit(
+        self, cmd: int, flags: int, offset: int, length: int, payload: bytes, done: Done
+    ) -> None:
+        """Forward one request; DONE(error, data) runs with its reply, whichever upstream gave it.
+
+        The hot path, gate open, is a plain callback chain; a request that must wait (gate
+        closed) or be retried (upstream lost) continues as a task in `_held`.
+        """
+        self.requests += 1
+        up = self.upstream
+        if not self._open.is_set() or up is None:
+            self._spawn(self._held(cmd, flags, offset, length, payload, done, None))
+            return
+        if flags & P.CMD_FLAG_FAST_ZERO and not up.flags & P.TFLAG_SEND_FAST_ZERO:
+            done(P.ENOTSUP, b"")  # allowed for a fast zero: the client zeroes the slow way
+            return
+        self._active += 1
+        self._idle.clear()
+
+        def replied(error: int, data: bytes) -> None:
+            self._finished()
+            if error in (LOST, P.ESHUTDOWN):
+                self._hold(up, error)
+                deadline = time.monotonic() + self.hold_time
+                self._spawn(self._held(cmd, flags, offset, length, payload, done, deadline))
+                return
+            if error:
+                self.errors += 1
+            done(error, data)
+
+        up.send(cmd, flags, offset, length, payload, replied)
+
+    def _finished(self) -> None:
+        self._active -= 1
+        if not self._active:
+            self._idle.set()
+
+    def _hold(self, up: Upstream, error: int) -> None:
+        """A request came back LOST or ESHUTDOWN (a dropped, fenced or stopping primary)."""
+        self.retries += 1
+        why = "connection lost" if error == LOST else "ESHUTDOWN"
+        self._upstream_lost(up, f"{up.target}: {why}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _held(
+        self,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        payload: bytes,
+        done: Done,
+        deadline: float | None,
+    ) -> None:
+        """The slow path: wait for the gate (up to the hold time), then retry until answered."""
+        while True:
+            if not self._open.is_set():
+                now = time.monotonic()
+                deadline = deadline or now + self.hold_time
+                if not await self._wait_open(deadline - now):
+                    self.expired += 1
+                    self.errors += 1
+                    log.warning("request held %.1fs without an upstream: EIO", self.hold_time)
+                    done(P.EIO, b"")
+                    return
+            up = self.upstream
+            assert up is not None
+            if flags & P.CMD_FLAG_FAST_ZERO and not up.flags & P.TFLAG_SEND_FAST_ZERO:
+                done(P.ENOTSUP, b"")
+                return
+            self._active += 1
+            self._idle.clear()
+            try:
+                error, data = await up.call(cmd, flags, offset, length, payload)
+            finally:
+                self._finished()
+            if error in (LOST, P.ESHUTDOWN):
+                self._hold(up, error)
+                deadline = deadline or time.monotonic() + self.hold_time
+                continue
+            if error:
+                self.errors += 1
+            done(error, data)
+            return
+
+    async def _wait_open(self, timeout: float) -> bool:
+        if self._first_queued is None:
+            self._first_queued = time.monotonic()
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._open.wait(), max(timeout, 0))
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting -= 1
+
+    def _upstream_lost(self, up: Upstream, why: str) -> None:
+        if up is self.upstream and self._open.is_set():
+            log.warning("upstream lost, holding requests for up to %.0fs: %s", self.hold_time, why)
+            self._open.clear()
+
+    async def _watch(self, up: Upstream) -> None:
+        """Close the gate as soon as the current upstream drops, even with nothing in flight."""
+        await up.lost.wait()
+        self._upstream_lost(up, f"{up.target} closed the connection")
+
+    # --- repoint ----------------------------------------------------------------------------
+    async def repoint(self, uri: str, generation: int) -> Repoint:
+        """Move every client to URI without an error; refuses an older GENERATION (I3).
+
+        The new upstream is connected and checked before the gate closes, so the pause is the
+        drain alone, and a refused or unreachable upstream costs the clients nothing.
+        """
+        async with self._lock:
+            if generation < self.generation:
+                raise Refused(
+                    409, f"generation {generation} is older than the current {self.generation}"
+                )
+            try:
+                Target.parse(uri)
+            except UpstreamError as exc:
+                raise Refused(422, str(exc)) from None
+            started = time.monotonic()
+            try:
+                new = await Upstream.connect(uri)
+            except UpstreamError as exc:
+                raise Refused(502, str(exc)) from None
+            problem = self._unfit(new)
+            if problem:
+                await new.close()
+                raise Refused(409, problem)
+            closed = time.monotonic()
+            self._open.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
+            except TimeoutError:
+                log.warning(
+                    "in-flight requests did not drain in %.1fs: retried on the new upstream",
+                    self.drain_timeout,
+                )
+            drained = time.monotonic()
+            old, self.upstream = self.upstream, new
+            if old is None:
+                self.size, self.flags = new.size, new.flags & PASSED_FLAGS
+            self.generation = generation
+            self._spawn(self._watch(new))
+            first, self._first_queued = self._first_queued, None
+            queued = self._waiting
+            self._open.set()
+            opened = time.monotonic()
+            if old is not None:
+                self._spawn(old.close())
+            self.repoints += 1
+            self.last = Repoint(
+                uri=str(new.target),
+                generation=generation,
+                pause_ms=(opened - first) * 1000 if first is not None else 0.0,
+                gate_closed_ms=(opened - closed) * 1000,
+                drain_ms=(drained - closed) * 1000,
+                connect_ms=(closed - started) * 1000,
+                queued=queued,
+            )
+            log.info("repointed to %s generation %d: %s", new.target, generation, self.last)
+            return self.last
+
+    def _unfit(self, new: Upstream) -> str:
+        """Why NEW cannot replace the current upstream ('' when it can)."""
+        if self.upstream is None and self.generation < 0:
+            return ""
+        if new.size != self.size:
+            return f"{new.target} exports {new.size} bytes, the volume has {self.size}"
+        # a fast zero may always fail with ENOTSUP, and multi-conn is a hint: neither is needed
+        optional = P.TFLAG_READ_ONLY | P.TFLAG_CAN_MULTI_CONN | P.TFLAG_SEND_FAST_ZERO
+        needed = self.flags & ~optional
+        if needed & ~new.flags:
+            return f"{new.target} lacks transmission flags {needed & ~new.flags:#x} in use"
+        if new.flags & P.TFLAG_READ_ONLY and not self.flags & P.TFLAG_READ_ONLY:
+            return f"{new.target} is read-only"
+        return ""
+
+    def status(self) -> dict:
+        up = self.upstream
+        return {
+            "upstream": str(up.target) if up else None,
+            "upstream_alive": self.upstream_alive,
+            "generation": self.generation,
+            "size": self.size,
+            "flags": self.flags,
+            "paused": self.paused,
+            "in_flight": self._active,
+            "queued": self._waiting,
+            "requests": self.requests,
+            "errors": self.errors,
+            "retries": self.retries,
+            "expired": self.expired,
+            "repoints": self.repoints,
+            "last_repoint": self.last.to_dict() if self.last else None,
+        }
+
+    async def close(self) -> None:
+        if self.upstream is not None:
+            await self.upstream.close()
