@@ -60,7 +60,7 @@ async def _serve(server: ShadowServer, host: str, port: int) -> None:
 @click.option(
     "--hmac-key-file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Shared secret; every frame carries an HMAC-SHA256 over it.",
+    help="Shared secret; every frame carries a tag (BLAKE2b or Poly1305) keyed by it.",
 )
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path))

@@ -12,11 +12,13 @@ import logging
 from pathlib import Path
 
 from shadowblk.delta.frames import ErrorCode, FrameError, Hello
-from shadowblk.delta.journal import Journal, Kind, committed_epoch, read_records
+from shadowblk.delta.journal import Journal, Kind, Record, committed_epoch, read_records
 from shadowblk.delta.volume_state import VolumeState
 from shadowblk.nbd.backend import Backend, VolumeError
 
 log = logging.getLogger(__name__)
+
+HOLD_BYTES = 128 << 20  # staged data kept in memory to apply from, instead of reading it back
 
 
 class ShadowVolume:
@@ -32,6 +34,8 @@ class ShadowVolume:
         self._staged_epoch = 0  # highest epoch of a frame staged since the last commit
         self._direct: Backend | None = None  # the image, while its first epoch is written
         self._sealed = False  # the journal holds a committed epoch not yet recorded as applied
+        self._held: list[Record] | None = []  # the staged records, while they fit in HOLD_BYTES
+        self._held_bytes = 0
 
     @classmethod
     def create(cls, data_dir: Path, hello: Hello, device: Path | None = None) -> ShadowVolume:
@@ -101,6 +105,7 @@ class ShadowVolume:
             self.recover()
             self._sealed = False
         self.journal.begin()
+        self._forget_held()
         self._staged_epoch = 0
         if self.state.last_applied == 0 and self._direct is None:
             self._direct = Backend.open(self.image_path, self.state.size, read_only=False)
@@ -111,6 +116,7 @@ class ShadowVolume:
             self.journal.close()
         else:
             self.journal.drop()
+        self._forget_held()
         self._staged_epoch = 0
         self._close_direct()
 
@@ -132,14 +138,30 @@ class ShadowVolume:
                 f"epoch {epoch} after epoch {self._staged_epoch}: epochs go forward only",
             )
 
-    def stage(self, kind: Kind, offset: int, length: int, epoch: int, data: bytes = b"") -> None:
-        """Append one checked change to the journal (the image is not touched)."""
+    def stage(
+        self, kind: Kind, offset: int, length: int, epoch: int, data: bytes | memoryview = b""
+    ) -> None:
+        """Append one checked change to the journal (the image is not touched). The record is
+        also held in memory, if it fits, so the commit applies it without reading it back."""
         self._check_epoch(epoch)
         self._staged_epoch = epoch
         if self._direct is not None:
             _write(self._direct, kind, offset, length, data)
-        else:
-            self.journal.append(kind, offset, length, epoch, data)
+            return
+        self.journal.append(kind, offset, length, epoch, data)
+        if self._held is not None:
+            self._held_bytes += len(data)
+            if self._held_bytes > HOLD_BYTES:
+                self._held = None
+            else:
+                self._held.append(Record(kind, offset, length, epoch, data))
+
+    def staged_bytes(self) -> int:
+        """Data staged since the last commit (while it is held in memory; else a large figure)."""
+        return self._held_bytes if self._held is not None else HOLD_BYTES + 1
+
+    def _forget_held(self) -> None:
+        self._held, self._held_bytes = [], 0
 
     def mark_epoch_end(self, epoch: int) -> None:
         """An EPOCH_END with the merge flag: staged, committed with a later epoch."""
@@ -156,15 +178,18 @@ class ShadowVolume:
         else:
             self.journal.commit(epoch)
             self._sealed = True
-            self._apply(epoch)
+            self._apply(epoch, self._held)
             self._sealed = False
         self.journal.begin()
+        self._forget_held()
         self._staged_epoch = 0
 
-    def _apply(self, epoch: int) -> None:
+    def _apply(self, epoch: int, held: list[Record] | None = None) -> None:
+        """Write the committed records (HELD, else read back from the journal) to the image."""
+        records = read_records(self.journal.path) if held is None else held
         backend = Backend.open(self.image_path, self.state.size, read_only=False)
         try:
-            for record in read_records(self.journal.path):
+            for record in records:
                 _write(backend, record.kind, record.offset, record.length, record.data)
             backend.flush()
         finally:
@@ -176,7 +201,9 @@ class ShadowVolume:
         self.state.save(self.state_path)
 
 
-def _write(backend: Backend, kind: Kind, offset: int, length: int, data: bytes) -> None:
+def _write(
+    backend: Backend, kind: Kind, offset: int, length: int, data: bytes | memoryview
+) -> None:
     if kind is Kind.DATA:
         backend.pwrite(data, offset)
     elif kind is Kind.ZERO:

@@ -50,7 +50,8 @@ class Epoch:
         return not self.blocks and not self.marks
 
     def put(self, block: int, data: bytes) -> None:
-        self._unmark(block, block + 1)
+        if self.marks:
+            self._unmark(block, block + 1)
         old = self.blocks.get(block)
         if old is not None:
             self.nbytes -= len(old)

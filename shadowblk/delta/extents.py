@@ -6,7 +6,9 @@ nothing reaches a volume unless it is exactly what the primary read (I4).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
+from itertools import pairwise
 
 import numpy as np
 import zstandard
@@ -14,13 +16,42 @@ import zstandard
 from shadowblk.delta.frames import MAX_EXTENT, ErrorCode, FrameError
 from shadowblk.integrity.blockcrc import block_crc32c
 
+PROBE = 64 << 10  # bytes compressed first to see whether compressing the extent pays
+PAYS = 0.9  # compressing pays when it saves at least a tenth
+_ZSTD_HEAD = struct.Struct("<IBI")  # magic, frame header descriptor, content size
+_ZSTD_MAGIC = 0xFD2FB528
+_RAW_BLOCK = 128 << 10  # the largest block zstd allows
+
 
 def encode_extent(
     data: bytes | memoryview, block_size: int, compressor: zstandard.ZstdCompressor
 ) -> bytes:
-    """Payload of an EXTENT frame for DATA (a whole number of blocks)."""
-    crcs = block_crc32c(data, block_size).astype(">u4").tobytes()
-    return crcs + compressor.compress(data)
+    """Payload of an EXTENT frame for DATA (a whole number of blocks). Compressed when a probe
+    of its start shows that zstd saves a tenth or more; otherwise stored in a zstd frame of raw
+    blocks, built without running the compressor (and copied, not decoded, by the shadow)."""
+    view = memoryview(data).cast("B")
+    crcs = block_crc32c(view, block_size).astype(">u4").tobytes()
+    probe = view[:PROBE]
+    if len(probe) < len(view) and len(compressor.compress(probe)) > PAYS * len(probe):
+        return b"".join([crcs, *stored_frame(view)])
+    packed = compressor.compress(view)
+    if len(packed) > PAYS * len(view):
+        return b"".join([crcs, *stored_frame(view)])
+    return crcs + packed
+
+
+def stored_frame(data: memoryview) -> list[bytes | memoryview]:
+    """The pieces of a standard zstd frame holding DATA (at most 4 GiB) in raw blocks: single
+    segment, 4-byte content size, no checksum (every block has its crc32c already)."""
+    pieces: list[bytes | memoryview] = [_ZSTD_HEAD.pack(_ZSTD_MAGIC, 0xA0, len(data))]
+    for start in range(0, len(data), _RAW_BLOCK):
+        block = data[start : start + _RAW_BLOCK]
+        last = int(start + _RAW_BLOCK >= len(data))
+        pieces.append((len(block) << 3 | last).to_bytes(3, "little"))  # block type 0: raw
+        pieces.append(block)
+    if not len(data):
+        pieces.append((1).to_bytes(3, "little"))  # one empty last block
+    return pieces
 
 
 def decode_extent(
@@ -70,16 +101,13 @@ def zero_blocks(data: bytes | memoryview, block_size: int) -> np.ndarray:
 def runs(data: bytes | memoryview, block_size: int) -> Iterator[tuple[int, int, bool]]:
     """(start, end, is_zero) byte runs of DATA, data runs capped at MAX_EXTENT bytes."""
     zeros = zero_blocks(data, block_size)
-    n = len(zeros)
-    i = 0
-    while i < n:
-        j = i + 1
-        while j < n and zeros[j] == zeros[i]:
-            j += 1
+    edges = [0, *(np.flatnonzero(zeros[1:] != zeros[:-1]) + 1).tolist(), len(zeros)]
+    for i, j in pairwise(edges):
+        if i == j:
+            continue  # no blocks at all
         start, end = i * block_size, j * block_size
         if zeros[i]:
             yield start, end, True
         else:
             for s in range(start, end, MAX_EXTENT):
                 yield s, min(end, s + MAX_EXTENT), False
-        i = j

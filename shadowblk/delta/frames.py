@@ -14,15 +14,15 @@ from enum import IntEnum
 import crc32c
 
 MAGIC = b"SBDS"
-VERSION = 1
+VERSION = 2  # 2: 16-byte BLAKE2b / Poly1305 tags (1: 32-byte HMAC-SHA256)
 HEADER = struct.Struct("!4sBBHQQQQQQIII")  # ... payload_len, payload_crc, reserved (+ header crc)
 HEADER_SIZE = HEADER.size + 4
-TAG_SIZE = 32
+TAG_SIZE = 16
 NONCE_SIZE = 16
 MAX_PAYLOAD = 4 << 20
 MAX_EXTENT = 1 << 20  # uncompressed bytes of one EXTENT frame
 
-FLAG_HMAC = 0x0001  # a 32-byte HMAC-SHA256 tag follows the payload
+FLAG_HMAC = 0x0001  # a 16-byte tag (BLAKE2b or Poly1305, see auth.py) follows the payload
 FLAG_MERGE = 0x0002  # EPOCH_END: staged, but commit together with the next epoch
 
 
@@ -121,7 +121,9 @@ def decode_header(head: bytes) -> tuple[Frame, int, int]:
         HEADER.unpack_from(head)
     )
     if version != VERSION:
-        raise FrameError(ErrorCode.VERSION, f"protocol version {version}, this peer speaks 1")
+        raise FrameError(
+            ErrorCode.VERSION, f"protocol version {version}, this peer speaks {VERSION}"
+        )
     try:
         kind = FrameType(ftype)
     except ValueError:
@@ -175,7 +177,9 @@ def unpack_hello(payload: bytes) -> Hello:
         raise FrameError(ErrorCode.PROTOCOL, "HELLO payload too short")
     version, flags, size, bs, gen, acked, nonce, vlen = _HELLO.unpack_from(payload)
     if version != VERSION:
-        raise FrameError(ErrorCode.VERSION, f"HELLO for protocol {version}, this peer speaks 1")
+        raise FrameError(
+            ErrorCode.VERSION, f"HELLO for protocol {version}, this peer speaks {VERSION}"
+        )
     raw = payload[_HELLO.size :]
     if len(raw) != vlen or not 0 < vlen <= MAX_VOLUME_ID:
         raise FrameError(ErrorCode.PROTOCOL, "HELLO volume id length is wrong")

@@ -36,7 +36,7 @@ class Record:
     offset: int
     length: int
     epoch: int
-    data: bytes
+    data: bytes | memoryview
 
 
 def fsync_dir(path: Path) -> None:
@@ -59,15 +59,17 @@ class Journal:
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
-    def append(self, kind: Kind, offset: int, length: int, epoch: int, data: bytes = b"") -> None:
+    def append(
+        self, kind: Kind, offset: int, length: int, epoch: int, data: bytes | memoryview = b""
+    ) -> None:
         head = _RECORD.pack(MAGIC, int(kind), offset, length, epoch, len(data))
         crc = crc32c.crc32c(data, value=crc32c.crc32c(head))
-        _write_all(self._fd, head + _CRC.pack(crc) + data)
+        _write_all(self._fd, [head + _CRC.pack(crc), data])
 
     def commit(self, epoch: int) -> None:
         """Seal the staged epoch durably: after this returns, recovery will apply it."""
         self.append(Kind.COMMIT, 0, 0, epoch)
-        os.fsync(self._fd)
+        os.fdatasync(self._fd)  # the records and the file's length: all recovery reads
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -81,10 +83,15 @@ class Journal:
         fsync_dir(self.path.parent)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:
+    """Write PIECES in order with writev: the record head and its data are never joined."""
+    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if done:
+            views[0] = views[0][done:]
 
 
 def read_records(path: Path) -> Iterator[Record]:

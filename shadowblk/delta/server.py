@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import zstandard
@@ -37,7 +38,7 @@ from shadowblk.delta.frames import (
     volume_key,
 )
 from shadowblk.delta.journal import Kind
-from shadowblk.delta.stream import encode, read_frame
+from shadowblk.delta.stream import RawFrame, check, encode, read_frame, read_raw
 from shadowblk.delta.volume_state import VOLUME_ID, StateFileError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
 MAX_NACKS = 64
-QUEUE_FRAMES = 32  # checked frames (at most 1 MiB of data each) waiting for the applier
+QUEUE_FRAMES = 64  # checked frames (at most 1 MiB of data each) waiting for the applier
+OFF_LOOP_BYTES = 64 << 10  # frames this big are checked and staged in a worker thread
+GROUP_COMMIT_BYTES = 64 << 20  # staged data above which an epoch commits even if more are queued
 STAGED_EVERY = 4 << 20  # confirm staged frames this often, so the sender can forget them
 _KINDS = {FrameType.EXTENT: Kind.DATA, FrameType.ZERO: Kind.ZERO, FrameType.TRIM: Kind.TRIM}
 
@@ -121,6 +124,7 @@ class _Stream:
         self.vol_key = 0
         self.generation = 0
         self.dctx = zstandard.ZstdDecompressor()
+        self.ends_queued = 0  # committing EPOCH_ENDs received, not yet taken by the applier
 
     async def send(
         self, ftype: FrameType, epoch: int = 0, payload: bytes = b"", offset: int = 0
@@ -257,18 +261,14 @@ class _Stream:
         expected, awaiting, nacks, unconfirmed = 1, False, 0, 0
         while True:
             try:
-                frame = await asyncio.wait_for(read_frame(self.reader, self.session), IDLE_TIMEOUT)
-                if frame.seq < expected:
-                    raise FrameError(
-                        ErrorCode.REPLAY, f"frame seq {frame.seq} replayed (expected {expected})"
-                    )
-                if frame.seq > expected:
-                    if awaiting:
-                        continue  # in flight before our NACK: the sender goes back
-                    raise FrameError(
-                        ErrorCode.PROTOCOL, f"gap: seq {frame.seq}, expected {expected}", False
-                    )
-                data = self._check(frame)
+                raw = await asyncio.wait_for(read_raw(self.reader), IDLE_TIMEOUT)
+                if len(raw.payload) >= OFF_LOOP_BYTES:  # hashes and zstd release the GIL
+                    got = await asyncio.to_thread(self._take, raw, expected, awaiting)
+                else:
+                    got = self._take(raw, expected, awaiting)
+                if got is None:
+                    continue  # in flight before our NACK: the sender goes back
+                frame, data = got
             except FrameError as exc:
                 if exc.fatal:
                     raise
@@ -283,11 +283,28 @@ class _Stream:
                 continue
             expected += 1
             awaiting = False
+            if frame.type is FrameType.EPOCH_END and not frame.flags & FLAG_MERGE:
+                self.ends_queued += 1
             await queue.put((frame, data))
             unconfirmed += len(frame.payload) + 256
             if unconfirmed >= STAGED_EVERY:
                 unconfirmed = 0
                 await self.send(FrameType.STAGED, offset=frame.seq)
+
+    def _take(self, raw: RawFrame, expected: int, awaiting: bool) -> tuple[Frame, bytes] | None:
+        """The checked frame and its data, or None for a frame to drop while a NACK is out."""
+        frame = check(raw, self.session)
+        if frame.seq < expected:
+            raise FrameError(
+                ErrorCode.REPLAY, f"frame seq {frame.seq} replayed (expected {expected})"
+            )
+        if frame.seq > expected:
+            if awaiting:
+                return None
+            raise FrameError(
+                ErrorCode.PROTOCOL, f"gap: seq {frame.seq}, expected {expected}", False
+            )
+        return frame, self._check(frame)
 
     async def _apply_all(self, queue: asyncio.Queue[tuple[Frame, bytes]]) -> None:
         while True:
@@ -318,17 +335,38 @@ class _Stream:
         volume = self.volume
         assert volume is not None
         if frame.type in _KINDS:
-            volume.stage(_KINDS[frame.type], frame.offset, frame.length, frame.epoch, data)
+            args = (_KINDS[frame.type], frame.offset, frame.length, frame.epoch, data)
+            if len(data) >= OFF_LOOP_BYTES:
+                await _finish(volume.stage, *args)
+            else:
+                volume.stage(*args)
         elif frame.type is FrameType.PING:
             await self.send(FrameType.PONG, epoch=volume.state.last_applied)
         elif frame.flags & FLAG_MERGE:
             volume.mark_epoch_end(frame.epoch)
         else:
-            commit = asyncio.ensure_future(asyncio.to_thread(volume.commit, frame.epoch))
-            try:
-                await asyncio.shield(commit)
-            except asyncio.CancelledError:
-                await commit  # a started commit finishes before anything else uses the volume
-                raise
+            self.ends_queued -= 1
+            if self.ends_queued and volume.staged_bytes() < GROUP_COMMIT_BYTES:
+                # a later epoch is complete in the queue already: commit both at its end
+                # (the image goes from one epoch boundary to a later one, as with MERGE)
+                volume.mark_epoch_end(frame.epoch)
+                return
+            await _finish(volume.commit, frame.epoch)
             log.debug("%s: epoch %d applied", volume.state.volume_id, frame.epoch)
             await self.send(FrameType.EPOCH_APPLIED, epoch=frame.epoch)
+
+
+async def _finish(func: Callable[..., None], *args: object) -> None:
+    """Run FUNC in a worker thread; a cancelled caller (even cancelled again, as when a stream
+    is superseded during shutdown) still waits for it to finish, so nothing else uses the
+    volume (or its journal's descriptor) while it runs."""
+    work = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancelled = True
+    work.result()  # FUNC's own exception, if any
+    if cancelled:
+        raise asyncio.CancelledError

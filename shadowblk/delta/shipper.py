@@ -47,6 +47,7 @@ CONNECT_TIMEOUT = 10.0
 ACK_TIMEOUT = 10.0  # no frame at all from the shadow this long: the link is dead
 PING_INTERVAL = 2.0
 WINDOW_BYTES = 32 << 20
+SEND_BUFFER = 8 << 20  # frames queued in the transport before drain() waits: keeps TCP busy
 
 
 class ShadowRefused(Exception):
@@ -87,7 +88,6 @@ class ShadowLink:
         self.sync_done = [0]
         self.samples: list[tuple[float, int]] = []
         self.kick = asyncio.Event()
-        self.compressor = zstandard.ZstdCompressor(level=rep.level)
 
     # --- the connection loop ----------------------------------------------------------------
 
@@ -178,12 +178,16 @@ class _Session:
         self.fuzzy_until = 0  # epochs below this end with FLAG_MERGE
         self.last_sent = time.monotonic()
         self.progress_logged = 0
+        # per connection, not per link: a frame still being made in a worker thread for a
+        # dropped connection must not share a compressor (not thread-safe) with the next one
+        self.compressor = zstandard.ZstdCompressor(level=self.rep.level)
 
     def frame(self, ftype: FrameType, epoch: int = 0, **kw) -> Frame:
         return Frame(ftype, self.rep.vol_key, self.rep.generation, epoch, **kw)
 
     async def run(self) -> None:
         await self._handshake()
+        self.writer.transport.set_write_buffer_limits(high=SEND_BUFFER)
         acks = asyncio.ensure_future(self._acks())
         pump = asyncio.ensure_future(self._pump())
         try:
@@ -225,12 +229,12 @@ class _Session:
         if plan.kind == "full-sync":
             link.sync_total, link.sync_done = rep.size, [0]
             self.source = full_sync(
-                rep.fd, rep.size, rep.block_size, link.compressor, link.sync_done
+                rep.fd, rep.size, rep.block_size, self.compressor, link.sync_done
             )
         elif plan.kind == "resync":
             assert plan.lacks is not None
             link.sync_total, link.sync_done = plan.lacks.count() * rep.block_size, [0]
-            self.source = resync(rep.fd, plan.lacks, link.compressor, link.sync_done)
+            self.source = resync(rep.fd, plan.lacks, self.compressor, link.sync_done)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -247,21 +251,31 @@ class _Session:
             if self.unconfirmed_bytes > WINDOW_BYTES:
                 await self._wait(1.0)
                 continue
-            frame = self._next()
-            if frame is None:
-                if time.monotonic() - self.last_sent >= PING_INTERVAL:
-                    frame = self.frame(FrameType.PING)
-                else:
+            # reading, compressing and tagging release the GIL: in a worker thread they overlap
+            # with this loop pushing the previous frames into the socket
+            made = await asyncio.to_thread(self._produce)
+            if made is None:
+                if time.monotonic() - self.last_sent < PING_INTERVAL:
                     await self._wait(PING_INTERVAL)
                     continue
+                frame = self.frame(FrameType.PING, seq=self.seq + 1)
+                made = frame, encode(frame, self.session)
+            frame, wire = made
             self.seq += 1
-            wire = encode(replace(frame, seq=self.seq), self.session)
             if frame.type is FrameType.EPOCH_END and not frame.flags & FLAG_MERGE:
                 self.end_seq[frame.epoch] = self.seq
             self.unconfirmed.append((self.seq, wire))
             self.unconfirmed_bytes += len(wire)
             self.pos += 1
             await self._write(wire)
+
+    def _produce(self) -> tuple[Frame, bytes] | None:
+        """The next frame, sequenced, and its wire bytes; None when there is nothing to send."""
+        frame = self._next()
+        if frame is None:
+            return None
+        frame = replace(frame, seq=self.seq + 1)
+        return frame, encode(frame, self.session)
 
     async def _wait(self, timeout: float) -> None:
         """Until kicked (a cut, an ack, a NACK) or TIMEOUT passes."""
@@ -301,7 +315,7 @@ class _Session:
         if epoch is None:
             return None
         self.current_epoch = epoch
-        self.current = iter(epoch.changes(self.rep.block_size, self.link.compressor))
+        self.current = iter(epoch.changes(self.rep.block_size, self.compressor))
         return self._next()
 
     def _progress(self) -> None:
