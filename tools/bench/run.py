@@ -17,6 +17,8 @@ BENCHMARKS = [
     "tools.bench.fastpath",
     "tools.bench.scrub",
     "tools.bench.nbd_fio",
+    "tools.bench.replication",
+    "tools.bench.switchover_pause",
 ]
 
 
