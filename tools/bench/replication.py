@@ -292,13 +292,14 @@ def _shares(figures: dict[str, list[float]], what: str, limits: tuple[str, ...])
     return ", ".join(f"{statistics.median(figures[f'{what}/{limit}']):.0%}" for limit in limits)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark; ARGV None (as from tools.bench.run) means the defaults."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128, help="MiB per volume (default 128)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per data set (default 2)")
     parser.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv or [])
     size = args.size * MiB
     work = Path(tempfile.mkdtemp(prefix="bench-repl-", dir=args.dir))
     try:
@@ -311,4 +312,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

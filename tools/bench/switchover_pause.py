@@ -79,13 +79,14 @@ def start_upstreams(procs: Processes, image: Path) -> tuple[str, str]:
     return serve_uri, kit_uri
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark; ARGV None (as from tools.bench.run) means the defaults."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repoints", type=int, default=20)
     ap.add_argument("--every", type=float, default=1.0, help="seconds between repoints")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv or [])
     work = Path(tempfile.mkdtemp(prefix="swbench-", dir=args.dir))
     procs = Processes(work)
     try:
@@ -144,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
