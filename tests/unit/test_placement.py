@@ -1,6 +1,5 @@
 """Placement: hard rules with reasons, scoring, forcing, and a case where greedy fails."""
 
-
 from shadowblk.manager.placement import Policy, place
 from shadowblk.manager.placement_batch import greedy, optimise
 from shadowblk.manager.store.model import Server, ServerState, Shadow, Volume
