@@ -12,7 +12,8 @@ the send lock. So one worker receives while others write, and small requests are
 A request the fast path does not handle (other commands, bad flags or ranges, bad magic) makes
 run() return SLOW with the receive lock still held: the Python handler
 (shadowblk.nbd.transmission) reads it with take(), answers through Connection.send(), and calls
-run() again.
+run() again. Write observers (replication) never reach this loop: they need every payload, so
+a tracker with observers makes the server run each connection in the Python loop.
 """
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
@@ -22,7 +23,6 @@ from libc.errno cimport errno, EINTR, EAGAIN, EPERM, EROFS, ENOSPC, EDQUOT, EFBI
 from posix.types cimport off_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from cpython.list cimport PyList_GET_SIZE
 from shadowblk._native.bitmap cimport Bitmap
 
 import logging
@@ -167,12 +167,10 @@ cdef class Connection:
     cdef bint read_only
     cdef bint structured
     cdef object tracker
-    cdef object on_flush
     cdef object t_acquire
     cdef object t_release
     cdef Bitmap t_bitmap
     cdef bytearray t_hot
-    cdef list t_observers
     cdef int t_shift
     cdef StopFlag stop_flag
     cdef int *stopping
@@ -185,7 +183,7 @@ cdef class Connection:
 
     def __cinit__(
         self, int sock, int vol, uint64_t size, uint32_t max_payload, bint read_only,
-        bint structured, object tracker, object on_flush, StopFlag stop_flag not None,
+        bint structured, object tracker, StopFlag stop_flag not None,
     ):
         self.sock = sock
         self.vol = vol
@@ -194,14 +192,12 @@ cdef class Connection:
         self.read_only = read_only
         self.structured = structured
         self.tracker = tracker
-        self.on_flush = on_flush
         if tracker is not None:
             # the tracker never replaces these objects, it changes them in place
             self.t_acquire = tracker.lock.acquire
             self.t_release = tracker.lock.release
             self.t_bitmap = tracker.bitmap
             self.t_hot = tracker.hot
-            self.t_observers = tracker.observers
             self.t_shift = tracker.region_shift
         self.stop_flag = stop_flag
         self.stopping = &stop_flag.value
@@ -567,8 +563,6 @@ cdef class Worker:
         else:  # CMD_FLUSH
             if fdatasync(self.conn.vol) != 0:
                 error = nbd_errno(errno)
-            elif self.conn.on_flush is not None:
-                error = self._flushed()
             if self._reply(r, error) != 0:
                 return -1
         if self.outlen >= SEND_EARLY:
@@ -582,7 +576,7 @@ cdef class Worker:
         cdef int ok = 1
         with gil:
             try:
-                if not PyList_GET_SIZE(self.conn.t_observers) and self._mark_logged(n):
+                if self._mark_logged(n):
                     return 1
                 offsets = []
                 lengths = []
@@ -627,13 +621,3 @@ cdef class Worker:
         finally:
             c.t_release()
         return logged
-
-    cdef uint32_t _flushed(self) noexcept nogil:
-        cdef uint32_t error = 0
-        with gil:
-            try:
-                self.conn.on_flush()
-            except BaseException:
-                log.exception("flush observer failed")
-                error = NBD_EIO
-        return error

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
+from shadowblk.delta.auth import AuthConfigError, client_tls_context, load_key
+from shadowblk.delta.primary_state import PrimaryStateError
+from shadowblk.delta.replicator import Replicator
+from shadowblk.delta.volume_state import VOLUME_ID
 from shadowblk.nbd.backend import Backend, VolumeError
 from shadowblk.nbd.handshake import Export
+from shadowblk.nbd.replication import ReplicationObserver
 from shadowblk.nbd.server import NBDServer
 from shadowblk.nbd.tls import TLSConfigError, server_context
 from shadowblk.tracking.tracker import StateError, WriteTracker
@@ -38,6 +47,155 @@ def parse_listen(text: str) -> tuple[str, int]:
     if port > 65535:
         raise click.BadParameter(f"port {port} is out of range")
     return host, port
+
+
+@dataclass
+class Replication:
+    """The --shadow options: where and how the served volume is replicated."""
+
+    shadows: tuple[str, ...]
+    mode: str
+    max_lag: float
+    max_lag_bytes: int
+    compress_level: int
+    generation: int
+    drain_timeout: float
+    hmac_key_file: Path | None
+    shadow_tls: tuple[Path | None, Path | None, Path | None]
+    key: bytes | None = None  # loaded by check()
+    tls: Any = None
+
+    def check(self, export_name: str, state_dir: Path | None, read_only: bool) -> None:
+        """Refuse bad combinations before anything is opened."""
+        if not self.shadows:
+            return
+        if state_dir is None or read_only:
+            raise click.UsageError("--shadow needs --state-dir (and a writable export)")
+        if not VOLUME_ID.match(export_name):
+            raise click.BadParameter(
+                f"{export_name!r} is not a valid volume id ({VOLUME_ID.pattern})",
+                param_hint="--name",
+            )
+        for spec in self.shadows:
+            parse_listen(spec)
+        if any(self.shadow_tls) and not all(self.shadow_tls):
+            raise click.UsageError(
+                "--shadow-tls-cert, --shadow-tls-key, --shadow-tls-ca go together"
+            )
+        if self.hmac_key_file is None and not all(self.shadow_tls):
+            raise click.UsageError("--shadow needs --hmac-key-file or --shadow-tls-*")
+        try:
+            self.key = load_key(self.hmac_key_file) if self.hmac_key_file else None
+            cert, key, ca = self.shadow_tls
+            self.tls = client_tls_context(cert, key, ca) if cert and key and ca else None
+        except AuthConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    def observer(
+        self, volume_id: str, backend: Backend, block_size: int, state_dir: Path | None
+    ) -> ReplicationObserver | None:
+        if not self.shadows or state_dir is None:
+            return None
+        replicator = Replicator(
+            volume_id,
+            backend.fd,
+            backend.size,
+            list(self.shadows),
+            state_dir / "replication",
+            block_size=block_size,
+            generation=self.generation,
+            mode=self.mode,
+            level=self.compress_level,
+            max_lag_bytes=self.max_lag_bytes,
+            cut_interval=self.max_lag,
+            hmac_key=self.key,
+            tls=self.tls,
+        )
+        return ReplicationObserver(replicator, state_dir)
+
+
+def replication_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the --shadow options to a command and pass them as one `replication` argument."""
+    options = [
+        click.option(
+            "--shadow",
+            "shadows",
+            multiple=True,
+            help="HOST:PORT of a `shadowblk shadow` server; repeat for several shadows.",
+        ),
+        click.option(
+            "--mode",
+            type=click.Choice(["async", "sync"]),
+            default="async",
+            show_default=True,
+            help="sync: a FLUSH is answered once every in-sync shadow applied it.",
+        ),
+        click.option(
+            "--max-lag",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Seconds after which written data is cut into an epoch and shipped.",
+        ),
+        click.option(
+            "--max-lag-bytes",
+            default="64M",
+            show_default=True,
+            help="Unshipped bytes held in memory before writes wait (back-pressure).",
+        ),
+        click.option("--compress-level", type=click.IntRange(1, 22), default=1, show_default=True),
+        click.option(
+            "--generation",
+            type=click.IntRange(1),
+            default=1,
+            show_default=True,
+            help="This primary's generation of the volume (a shadow with a newer one fences it).",
+        ),
+        click.option(
+            "--drain-timeout",
+            type=float,
+            default=10.0,
+            show_default=True,
+            help="Seconds a clean stop waits for the shadows to apply everything.",
+        ),
+        click.option(
+            "--hmac-key-file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="Shared secret that authenticates the delta streams.",
+        ),
+        click.option(
+            "--shadow-tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+        ),
+        click.option(
+            "--shadow-tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+        ),
+        click.option(
+            "--shadow-tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+        ),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(**kw: Any) -> Any:
+        kw["replication"] = Replication(
+            shadows=kw.pop("shadows"),
+            mode=kw.pop("mode"),
+            max_lag=kw.pop("max_lag"),
+            max_lag_bytes=parse_size(kw.pop("max_lag_bytes")),
+            compress_level=kw.pop("compress_level"),
+            generation=kw.pop("generation"),
+            drain_timeout=kw.pop("drain_timeout"),
+            hmac_key_file=kw.pop("hmac_key_file"),
+            shadow_tls=(
+                kw.pop("shadow_tls_cert"),
+                kw.pop("shadow_tls_key"),
+                kw.pop("shadow_tls_ca"),
+            ),
+        )
+        return fn(**kw)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @click.command("serve")
@@ -75,6 +233,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 @click.option(
     "--tls-verify-clients", is_flag=True, help="Require a client certificate signed by --tls-ca."
 )
+@replication_options
 def command(
     path: Path,
     listen: str,
@@ -88,11 +247,14 @@ def command(
     tls_key: Path | None,
     tls_ca: Path | None,
     tls_verify_clients: bool,
+    replication: Replication,
 ) -> None:
     """Export PATH (a regular file or block device) over NBD, tracking every write.
 
-    Prints `ready nbd://HOST:PORT/NAME` on stdout once it accepts clients. SIGTERM or SIGINT
-    stop it cleanly: in-flight requests finish, data is flushed, tracking state is saved.
+    With --shadow, every write is also shipped to the shadow servers (docs/nbd-server.md,
+    "Replicated primary"). Prints `ready nbd://HOST:PORT/NAME` on stdout once it accepts
+    clients. SIGTERM or SIGINT stop it cleanly: in-flight requests finish, data is flushed, the
+    shadows are drained, tracking state is saved.
     """
     host, port = parse_listen(listen)
     nbytes = parse_size(size) if size is not None else None
@@ -102,6 +264,8 @@ def command(
         raise click.UsageError("--tls-cert and --tls-key go together")
     if (tls_ca or tls_verify_clients) and tls_cert is None:
         raise click.UsageError("--tls-ca/--tls-verify-clients need --tls-cert and --tls-key")
+    export_name = name if name is not None else path.name
+    replication.check(export_name, state_dir, read_only)
     try:
         tls = (
             server_context(tls_cert, tls_key, tls_ca, tls_verify_clients)
@@ -117,13 +281,23 @@ def command(
             if state_dir is not None and not read_only
             else None
         )
-        export = Export(
-            name if name is not None else path.name, backend, preferred_block=block_size
+        export = Export(export_name, backend, preferred_block=block_size)
+        observer = replication.observer(export_name, backend, block_size, state_dir)
+        server = NBDServer(
+            export,
+            host,
+            port,
+            tls=tls,
+            tracker=tracker,
+            on_quiet=observer and (lambda: observer.close(replication.drain_timeout)),
         )
-        server = NBDServer(export, host, port, tls=tls, tracker=tracker)
-    except (StateError, ValueError, OSError) as exc:
+    except (StateError, PrimaryStateError, ValueError, OSError) as exc:
         backend.close()
         raise click.ClickException(str(exc)) from None
+    if observer is not None and tracker is not None:
+        observer.url = server.url
+        tracker.observers.append(observer)
+        observer.start()
     server.install_signal_handlers()
     click.echo(f"ready {server.url}")
     sys.stdout.flush()

@@ -1,11 +1,13 @@
-"""`shadowblk status`: the state of the fleet, as the manager sees it.
+"""`shadowblk status`: the state of the fleet, as the manager sees it, or of one replicated
+primary, as its `shadowblk serve` publishes it in its state folder.
 
-The fleet form asks a manager (--manager URL). A single primary's status read from its state
-directory is a separate source that renders its own document; it adds a --state-dir branch here.
+The fleet form asks a manager (--manager URL). The --state-dir form reads the status file a
+running `shadowblk serve --shadow ...` refreshes twice a second (no manager needed).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -35,9 +37,46 @@ def _fleet(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _primary(doc: dict[str, Any]) -> str:
+    fenced = "  FENCED" if doc["fenced"] else ""
+    lines = [
+        f"volume    {doc['volume_id']} at {doc['url']} (pid {doc['pid']}), mode {doc['mode']}, "
+        f"generation {doc['generation']}{fenced}",
+        f"epochs    last cut {doc['last_cut_epoch']}, {size(doc['lag_bytes'])} not yet shipped "
+        "to every shadow",
+    ]
+    for s in doc["shadows"]:
+        state = "in sync" if s["in_sync"] else f"{s['catch_up'] or 'catching up'}"
+        if s["catch_up"] == "full-sync" and not s["in_sync"]:
+            done, total = s["sync_progress"]
+            state += f" {100 * done / total:.0f}%" if total else ""
+        link = "connected" if s["connected"] else f"DISCONNECTED ({s['last_error'] or '-'})"
+        lines.append(
+            f"shadow    {s['address']}: {link}, {state}, acked epoch {s['acked_epoch']}, "
+            f"lag {s['lag_seconds']:.1f} s / {size(s['lag_bytes'])}, "
+            f"{size(int(s['throughput_bytes_per_s']))}/s"
+        )
+    return "\n".join(lines)
+
+
 @click.command("status")
 @json_option
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A replicated `shadowblk serve`'s --state-dir: that primary's shadows, not the fleet.",
+)
 @with_client
-def command(client: Client, as_json: bool) -> None:
-    """The fleet: leader, servers up and down, degraded volumes, capacity."""
-    emit(client.status(), as_json, _fleet)
+def command(client: Client, as_json: bool, state_dir: Path | None) -> None:
+    """The fleet: leader, servers up and down, degraded volumes, capacity. With --state-dir:
+    one primary's shadows (connected, in sync or resyncing, lag, acknowledged epoch)."""
+    if state_dir is None:
+        emit(client.status(), as_json, _fleet)
+        return
+    from shadowblk.nbd.replication import StatusUnavailable, read_status
+
+    try:
+        doc = read_status(state_dir)
+    except StatusUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    emit(doc, as_json, _primary)

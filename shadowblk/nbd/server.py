@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shadowblk.nbd.handshake import Export, HandshakeError, negotiate
@@ -40,8 +41,12 @@ class NBDServer:
         tls: ssl.SSLContext | None = None,
         tracker: WriteTracker | None = None,
         native: bool = True,
+        on_quiet: Callable[[], None] | None = None,
     ) -> None:
+        """ON_QUIET runs at a clean stop once every request finished and the volume is
+        flushed, before the tracker and the volume close (the replicator drains there)."""
         self.export = export
+        self.on_quiet = on_quiet
         self.tls = tls
         self.tracker = tracker
         self.native = native
@@ -125,6 +130,10 @@ class NBDServer:
             thread.join()
         if not self.export.backend.read_only:
             self.export.backend.flush()
-        if self.tracker is not None:
-            self.tracker.close()
-        self.export.backend.close()
+        try:
+            if self.on_quiet is not None:
+                self.on_quiet()
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+            self.export.backend.close()

@@ -9,6 +9,7 @@ runs every request. Validation always happens before the volume or the tracker i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
@@ -124,12 +125,25 @@ class RequestHandler:
             return False
         return True
 
-    def _track(self, cookie: int, offset: int, length: int) -> bool:
-        """Mark the range dirty before it is written; a tracker failure fails the request."""
+    def _observed(self) -> bool:
+        return self.tracker is not None and bool(self.tracker.observers)
+
+    def _ordered(self) -> contextlib.AbstractContextManager:
+        """Held from tracking through the volume change while observers see the writes."""
+        return self.tracker.ordering if self._observed() else contextlib.nullcontext()
+
+    def _track(
+        self, cookie: int, offset: int, length: int, data: bytes | None = None, trim: bool = False
+    ) -> bool:
+        """Mark the range dirty (and show it to the observers: DATA for a WRITE, else a zero or
+        TRIM range) before it is written; a failure there fails the request with EIO."""
         if self.tracker is None or length == 0:
             return True
         try:
-            self.tracker.before_writes([offset], [length])
+            if data is not None:
+                self.tracker.before_write(offset, data)
+            else:
+                self.tracker.before_zero(offset, length, trim)
         except Exception as exc:
             log.error("write tracking failed, refusing the write: %s", exc)
             self._error(cookie, P.EIO, f"write tracking failed: {exc}")
@@ -137,11 +151,16 @@ class RequestHandler:
         return True
 
     def _durable(self, cookie: int, flags: int) -> bool:
+        """FUA: the change is durable before the reply, on the volume and (a FUA is a flush to
+        the observers too) wherever a `sync` replicator makes it durable."""
         if flags & P.CMD_FLAG_FUA:
             try:
                 self.backend.flush()
-            except OSError as exc:
-                self._error(cookie, nbd_errno(exc), f"flush failed: {exc}")
+                if self.tracker is not None:
+                    self.tracker.after_flush()
+            except Exception as exc:
+                error = nbd_errno(exc) if isinstance(exc, OSError) else P.EIO
+                self._error(cookie, error, f"flush failed: {exc}")
                 return False
         return True
 
@@ -152,12 +171,13 @@ class RequestHandler:
             return None
         if (msg := self._range_error(offset, length)) is not None:
             return self._error(cookie, P.ENOSPC, msg)
-        if not self._track(cookie, offset, length):
-            return None
-        try:
-            self.backend.pwrite(payload, offset)
-        except OSError as exc:
-            return self._error(cookie, nbd_errno(exc), f"write failed: {exc}")
+        with self._ordered():
+            if not self._track(cookie, offset, length, data=payload):
+                return None
+            try:
+                self.backend.pwrite(payload, offset)
+            except OSError as exc:
+                return self._error(cookie, nbd_errno(exc), f"write failed: {exc}")
         if self._durable(cookie, flags):
             self._ok(cookie)
         return None
@@ -210,13 +230,14 @@ class RequestHandler:
             return None
         if (msg := self._range_error(offset, length)) is not None:
             return self._error(cookie, P.EINVAL, msg)
-        if length and self._track(cookie, offset, length):
-            try:
-                self.backend.trim(offset, length)
-            except OSError as exc:
-                return self._error(cookie, nbd_errno(exc), f"trim failed: {exc}")
-        elif length:
-            return None
+        if length:
+            with self._ordered():
+                if not self._track(cookie, offset, length, trim=True):
+                    return None
+                try:
+                    self.backend.trim(offset, length)
+                except OSError as exc:
+                    return self._error(cookie, nbd_errno(exc), f"trim failed: {exc}")
         if self._durable(cookie, flags):
             self._ok(cookie)
         return None
@@ -229,18 +250,23 @@ class RequestHandler:
             return None
         if (msg := self._range_error(offset, length)) is not None:
             return self._error(cookie, P.ENOSPC, msg)
+        if length and flags & P.CMD_FLAG_FAST_ZERO and self._observed():
+            # the observers must see the change before it is made, and a fast zero may turn
+            # out impossible only then: refuse it up front (the client writes zeroes instead)
+            return self._error(cookie, P.ENOTSUP, "no fast zero while replicating")
         if length:
-            if not self._track(cookie, offset, length):
-                return None
-            try:
-                done = self.backend.zero(
-                    offset,
-                    length,
-                    may_trim=not flags & P.CMD_FLAG_NO_HOLE,
-                    fast_only=bool(flags & P.CMD_FLAG_FAST_ZERO),
-                )
-            except OSError as exc:
-                return self._error(cookie, nbd_errno(exc), f"write zeroes failed: {exc}")
+            with self._ordered():
+                if not self._track(cookie, offset, length):
+                    return None
+                try:
+                    done = self.backend.zero(
+                        offset,
+                        length,
+                        may_trim=not flags & P.CMD_FLAG_NO_HOLE,
+                        fast_only=bool(flags & P.CMD_FLAG_FAST_ZERO),
+                    )
+                except OSError as exc:
+                    return self._error(cookie, nbd_errno(exc), f"write zeroes failed: {exc}")
             if not done:
                 return self._error(cookie, P.ENOTSUP, "no fast way to zero this range")
         if self._durable(cookie, flags):
@@ -367,7 +393,6 @@ def _serve_native(handler: RequestHandler, stopping: StopSignal, module: object)
         export.backend.read_only,
         session.structured,
         handler.tracker,
-        handler.tracker.after_flush if handler.tracker else None,
         stopping.native,
     )
     errors: list[BaseException] = []
@@ -396,7 +421,8 @@ def serve(
 ) -> None:
     """Serve requests until the client disconnects or the server stops."""
     handler = RequestHandler(session, tracker)
-    module = _native_module() if native and not session.wire.is_tls else None
+    observed = tracker is not None and bool(tracker.observers)  # observers need the payloads
+    module = _native_module() if native and not session.wire.is_tls and not observed else None
     try:
         if module is None or stopping.native is None:
             _serve_python(handler, stopping)

@@ -40,12 +40,20 @@ class StateError(Exception):
 
 
 class WriteObserver(Protocol):
-    """What the shadows layer plugs into the server. Both calls run on the connection's thread
-    and may block it (that is how a `sync` mode holds an acknowledgement back)."""
+    """What the shadows layer plugs into the server. Every call runs on the connection's thread
+    with the GIL, before the volume is touched (after FLUSH's fdatasync for on_flush), and may
+    block it: that is how back-pressure and the `sync` mode hold a reply back. Raising fails
+    the request with EIO and leaves the volume untouched."""
 
-    def on_write(self, offset: int, length: int) -> None:
-        """A WRITE, TRIM or WRITE_ZEROES of this range is about to be issued; raising fails it
-        with EIO before the volume is touched."""
+    def on_write(self, offset: int, data: bytes) -> None:
+        """A WRITE of DATA at OFFSET is about to be issued (the data is needed: an epoch holds
+        a copy, so that it stays a point in time while the volume moves on)."""
+
+    def on_zero(self, offset: int, length: int) -> None:
+        """A WRITE_ZEROES of this range is about to be issued."""
+
+    def on_trim(self, offset: int, length: int) -> None:
+        """A TRIM of this range is about to be issued."""
 
     def on_flush(self) -> None:
         """Every write acknowledged so far is durable on the volume; the FLUSH reply waits for
@@ -117,7 +125,10 @@ class WriteTracker:
 
     `hot` (one byte per region), `region_shift`, `lock` and `bitmap` are also read by the
     Cython transmission loop, which marks writes into already-logged regions itself, under
-    `lock`, and calls before_writes() only when a region must be logged first.
+    `lock`, and calls before_writes() only when a region must be logged first. While observers
+    are attached, every request runs in the Python loop instead (they need the data), holding
+    `ordering` from the observer call through the volume change, so that observers see
+    overlapping writes of different connections in the order the volume does.
     """
 
     def __init__(
@@ -134,6 +145,7 @@ class WriteTracker:
         self.region_size = region_size
         self.region_shift = region_size.bit_length() - 1
         self.observers: list[WriteObserver] = []
+        self.ordering = threading.Lock()
         state_dir.mkdir(parents=True, exist_ok=True)
         geometry = {"size": size, "block_size": block_size, "region_size": region_size}
         if (state_dir / GEOMETRY_FILE).exists():
@@ -175,9 +187,21 @@ class WriteTracker:
                 mark(offset, length)
             if new:
                 self._log.record(new)
+
+    def before_write(self, offset: int, data: bytes) -> None:
+        """Track a WRITE and show it to the observers (call with `ordering` held)."""
+        self.before_writes([offset], [len(data)])
         for observer in self.observers:
-            for offset, length in zip(offsets, lengths, strict=True):
-                observer.on_write(offset, length)
+            observer.on_write(offset, data)
+
+    def before_zero(self, offset: int, length: int, trim: bool) -> None:
+        """Track a WRITE_ZEROES (or a TRIM) and show it to the observers."""
+        self.before_writes([offset], [length])
+        for observer in self.observers:
+            if trim:
+                observer.on_trim(offset, length)
+            else:
+                observer.on_zero(offset, length)
 
     def after_flush(self) -> None:
         for observer in self.observers:
