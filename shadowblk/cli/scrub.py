@@ -43,7 +43,9 @@ def _render(data: dict) -> str:
     lines = [
         f"scrubbed {data['volume']}: {data['bytes_scanned'] / MB:.1f} MB in {data['seconds']:.2f}s"
     ]
-    lines += [f"warning: {w}" for w in data["rebuilt_maps"]]
+    lines += [
+        f"warning: {w} (map rebuilt from the data; not re-read)" for w in data["rebuilt_maps"]
+    ]
     for d in data["discrepancies"]:
         state = "repaired" if d["repaired"] else "NOT repaired"
         lines.append(

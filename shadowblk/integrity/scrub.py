@@ -191,7 +191,8 @@ def scrub_pair(
     if repair and not report.unrepaired and pm.epoch != sm.epoch:
         older = min((pm, sm), key=lambda m: m.epoch)
         older.set_epoch(max(pm.epoch, sm.epoch))
-    report.bytes_scanned = pm.size + sm.size
+    # a side whose map was just rebuilt was read by the rebuild, not by this scan
+    report.bytes_scanned = sum(s.map.size for s in (primary, shadow) if not s.map.rebuilt_reason)
     report.seconds = time.monotonic() - started
     log.append(report.discrepancies)
     return report
