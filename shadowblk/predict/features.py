@@ -5,6 +5,11 @@ and 30 days), hours since it was first non-zero and since it last rose, and its 
 the last 7 and 30 days. Per drive: age,
 time observed, how often anything changed, Backblaze's rule, capacity, and the failure rates of
 its model and maker (learned on the training drives and stored in the model file).
+
+A training drive must not see its own outcome in those rates (a model with few drives would
+otherwise be "learned" from the very failures the trees are fitted on), so training drives get
+out-of-fold rates: the drives are split into folds by a hash of the serial and each drive's
+rates come from the other folds only. Every other drive uses the rates of all training drives.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from typing import Any
 import numpy as np
 
 from shadowblk.predict.drives import ATTRIBUTES, HOURS_PER_DAY, RULE_ATTRIBUTES, DriveTable
+from shadowblk.predict.sampling import fold_of
 
 HOURS_PER_YEAR = 8766.0
 WINDOWS_DAYS = (7, 30)
 MAKERS = ("ST", "HGST", "WDC")
-#: Drive-years of pseudo-exposure at the fleet's rate that smooth a model's or maker's rate.
+#: Drive-years of pseudo-exposure that smooth a rate: a maker's towards the fleet's rate, a
+#: model's towards its maker's.
 PRIOR_DRIVE_YEARS = 20.0
+#: Folds (by a hash of the serial) for the training drives' out-of-fold rates.
+RATE_FOLDS = 5
 _HOUR_SCALE = 1e7  # power-on hours stay far below this (20 years is 175,320 hours)
 
 
@@ -51,21 +60,71 @@ class FleetRates:
     @classmethod
     def fit(cls, table: DriveTable) -> FleetRates:
         years = (table.end_hour - table.start_hour) / HOURS_PER_YEAR
-        fleet = float(table.failed.sum() / max(years.sum(), 1e-9))
+        return cls.from_arrays(table.model, table.maker, table.failed, years)
 
-        def per(keys: np.ndarray) -> dict[str, float]:
-            uniq, inverse = np.unique(keys, return_inverse=True)
-            fails = np.bincount(inverse, weights=table.failed.astype(float))
-            exposure = np.bincount(inverse, weights=years)
-            rate = (fails + PRIOR_DRIVE_YEARS * fleet) / (exposure + PRIOR_DRIVE_YEARS)
-            return {str(k): round(float(r), 6) for k, r in zip(uniq, rate, strict=True)}
+    @classmethod
+    def from_arrays(
+        cls, model: np.ndarray, maker: np.ndarray, failed: np.ndarray, years: np.ndarray
+    ) -> FleetRates:
+        """Rates from per-drive model, maker, outcome and years on record.
 
-        return cls(fleet=round(fleet, 6), model=per(table.model), maker=per(table.maker))
+        A maker's rate is smoothed towards the fleet's, a model's towards its maker's, each
+        with PRIOR_DRIVE_YEARS of pseudo-exposure.
+        """
+        fails = np.asarray(failed, dtype=float)
+        fleet = float(fails.sum() / max(years.sum(), 1e-9))
+
+        def per(keys: np.ndarray, prior: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+            uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            n = np.bincount(inverse, weights=fails, minlength=len(uniq))
+            exposure = np.bincount(inverse, weights=years, minlength=len(uniq))
+            if not np.isscalar(prior):  # the prior of each key: that of its first drive
+                prior = np.asarray(prior)[first]
+            rate = (n + PRIOR_DRIVE_YEARS * prior) / (exposure + PRIOR_DRIVE_YEARS)
+            return uniq, np.round(rate, 6)
+
+        maker_keys, maker_rate = per(maker, fleet)
+        maker_of_drive = maker_rate[np.searchsorted(maker_keys, maker)]
+        model_keys, model_rate = per(model, maker_of_drive)
+        return cls(
+            fleet=round(fleet, 6),
+            model={str(k): float(r) for k, r in zip(model_keys, model_rate, strict=True)},
+            maker={str(k): float(r) for k, r in zip(maker_keys, maker_rate, strict=True)},
+        )
 
     def lookup(self, table: DriveTable) -> tuple[np.ndarray, np.ndarray]:
         """(model rate, maker rate) per drive; unknown models fall back to their maker."""
-        maker = np.array([self.maker.get(m, self.fleet) for m in table.maker])
-        model = np.array([self.model.get(m, mk) for m, mk in zip(table.model, maker, strict=True)])
+        return self._lookup(table.model, table.maker)
+
+    def _lookup(self, models: np.ndarray, makers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maker = np.array([self.maker.get(m, self.fleet) for m in makers], dtype=float)
+        model = np.array(
+            [self.model.get(m, mk) for m, mk in zip(models, maker, strict=True)], dtype=float
+        )
+        return model, maker
+
+    @classmethod
+    def out_of_fold(
+        cls, table: DriveTable, salt: str, folds: int = RATE_FOLDS
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(model rate, maker rate) per drive of TABLE, each from the drives of other folds.
+
+        The folds are decided by a hash of the serial with SALT, so a seed gives the same
+        folds every run. A model seen only in the drive's own fold falls back to its maker.
+        """
+        fold = fold_of(table.serial, folds, salt)
+        years = (table.end_hour - table.start_hour) / HOURS_PER_YEAR
+        model = np.zeros(len(table))
+        maker = np.zeros(len(table))
+        for k in range(folds):
+            inside = fold == k
+            if not inside.any():
+                continue
+            rest = ~inside
+            rates = cls.from_arrays(
+                table.model[rest], table.maker[rest], table.failed[rest], years[rest]
+            )
+            model[inside], maker[inside] = rates._lookup(table.model[inside], table.maker[inside])
         return model, maker
 
     def to_json(self) -> dict[str, Any]:
@@ -79,7 +138,14 @@ class FleetRates:
 class History:
     """Running summaries per row of a DriveTable, so any (drive, t) is a few array lookups."""
 
-    def __init__(self, table: DriveTable, rates: FleetRates) -> None:
+    def __init__(
+        self,
+        table: DriveTable,
+        rates: FleetRates,
+        drive_rates: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """DRIVE_RATES, when given, replaces RATES' (model rate, maker rate) per drive: the
+        out-of-fold rates of the drives being trained on."""
         self.table = table
         v = table.obs_values
         rows = np.arange(len(v))
@@ -100,7 +166,7 @@ class History:
         self.running_max = np.column_stack(
             [_grouped_max(v[:, j], drive) for j in range(v.shape[1])]
         )
-        self.model_rate, self.maker_rate = rates.lookup(table)
+        self.model_rate, self.maker_rate = drive_rates or rates.lookup(table)
 
     def row_at(self, drive: np.ndarray, hour: np.ndarray) -> np.ndarray:
         """The row in force at HOUR for each DRIVE (its first row for hours before it)."""

@@ -47,6 +47,11 @@ def held_out(serials: np.ndarray, fraction: float, salt: str) -> np.ndarray:
     return np.array([_hash64(f"{salt}:{s}") < cut for s in serials], dtype=bool)
 
 
+def fold_of(serials: np.ndarray, folds: int, salt: str) -> np.ndarray:
+    """Fold index in [0, FOLDS) per drive, decided by a hash of the serial alone."""
+    return np.array([_hash64(f"{salt}:{s}") % folds for s in serials], dtype=np.int64)
+
+
 def _hash64(text: str) -> int:
     """A 64-bit hash with no linear relation between salts (unlike a CRC)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")

@@ -14,7 +14,7 @@ import numpy as np
 from shadowblk.predict import trees
 from shadowblk.predict.calibration import Platt
 from shadowblk.predict.drives import DriveTable
-from shadowblk.predict.features import FleetRates, History, feature_names
+from shadowblk.predict.features import RATE_FOLDS, FleetRates, History, feature_names
 from shadowblk.predict.model import Model
 from shadowblk.predict.sampling import fleet_points, held_out, training_points
 
@@ -23,6 +23,10 @@ CALIBRATION_FRACTION = 0.2
 
 def holdout_salt(seed: int) -> str:
     return f"holdout-{seed}"
+
+
+def rates_salt(seed: int) -> str:
+    return f"rates-{seed}"
 
 
 def train(
@@ -44,9 +48,11 @@ def train(
             "share); give more data or a smaller --holdout"
         )
     rates = FleetRates.fit(fit_table)
+    # The trees learn from out-of-fold rates: a drive's own failure never enters its rates.
+    out_of_fold = FleetRates.out_of_fold(fit_table, rates_salt(seed))
     rng = np.random.default_rng(seed)
     points = training_points(fit_table, rng, **(sampling or {}))
-    x = History(fit_table, rates).features(points.drive, points.hour)
+    x = History(fit_table, rates, out_of_fold).features(points.drive, points.hour)
     ensemble = trees.fit(x, points.label, seed, tree_params)
     cal_points = fleet_points(cal_table, rng)
     cal_x = History(cal_table, rates).features(cal_points.drive, cal_points.hour)
@@ -68,5 +74,6 @@ def train(
             "calibration_positive": int(cal_points.label.sum()),
         },
         "trees": ensemble.n_trees,
+        "rates": {"out_of_fold": RATE_FOLDS, "salt": rates_salt(seed)},
     }
     return Model(ensemble, platt, rates, feature_names(), info)

@@ -111,3 +111,42 @@ def test_held_out_split_depends_only_on_the_serial() -> None:
     mask = held_out(serials, 0.25, "salt")
     assert 0.22 < mask.mean() < 0.28
     np.testing.assert_array_equal(held_out(serials[::-1], 0.25, "salt"), mask[::-1])
+
+
+def test_model_rate_is_smoothed_towards_its_maker() -> None:
+    table = table_of([[0]] * 6, [[0]] * 6, [True, False, False, False, False, False])
+    table = dataclasses.replace(
+        table,
+        model=np.array(["ST1", "ST1", "ST2", "HGST1", "HGST1", "HGST1"]),
+        maker=np.array(["ST", "ST", "ST", "HGST", "HGST", "HGST"]),
+    )
+    rates = FleetRates.fit(table)
+    assert rates.maker["HGST"] < rates.fleet < rates.maker["ST"]
+    # ST2 has no failure of its own: its rate lies between 0 and its maker's, not the fleet's
+    assert 0 < rates.model["ST2"] < rates.maker["ST"]
+    assert rates.model["ST2"] > rates.model["HGST1"]
+
+
+def test_out_of_fold_rates_never_see_the_drive_itself() -> None:
+    n = 200
+    failed = np.arange(n) % 5 == 0
+    table = table_of([[0]] * n, [[0]] * n, list(failed))
+    table = dataclasses.replace(
+        table, model=np.array(["ST1" if i < 100 else "ST2" for i in range(n)])
+    )
+    own_model, own_maker = FleetRates.out_of_fold(table, "salt", folds=5)
+    again = FleetRates.out_of_fold(table, "salt", folds=5)
+    np.testing.assert_array_equal(own_model, again[0])
+    flipped = dataclasses.replace(table, failed=~table.failed)
+    for d in (0, 1, 150):
+        # flipping one drive's outcome leaves its own out-of-fold rates unchanged
+        one = dataclasses.replace(table, failed=np.where(np.arange(n) == d, ~failed, failed))
+        m, k = FleetRates.out_of_fold(one, "salt", folds=5)
+        assert m[d] == own_model[d] and k[d] == own_maker[d]
+    assert not np.array_equal(FleetRates.out_of_fold(flipped, "salt", folds=5)[0], own_model)
+    # in-sample rates, by contrast, move with the drive's own outcome
+    in_sample = History(table, FleetRates.fit(table)).model_rate
+    one = dataclasses.replace(table, failed=np.where(np.arange(n) == 0, ~failed, failed))
+    assert in_sample[0] != History(one, FleetRates.fit(one)).model_rate[0]
+    history = History(table, FleetRates.fit(table), (own_model, own_maker))
+    np.testing.assert_array_equal(history.model_rate, own_model)
