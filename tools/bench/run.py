@@ -19,6 +19,8 @@ BENCHMARKS = [
     "tools.bench.nbd_fio",
     "tools.bench.replication",
     "tools.bench.switchover_pause",
+    "tools.bench.resync",
+    "tools.bench.sync_latency",
 ]
 
 
