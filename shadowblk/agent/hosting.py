@@ -201,7 +201,7 @@ class Hosting:
         if child is not None:
             child.stop()
         base = self.primaries_dir if rec["role"] == "primary" else self.shadows_dir
-        for suffix in (".img", ".state", ".journal"):
+        for suffix in (".img", ".state", ".journal", ".map"):
             path = base / f"{name}{suffix}"
             if path.is_dir():
                 shutil.rmtree(path)

@@ -19,6 +19,7 @@ COMMANDS = {
     "dirty": "dirty",
     "shadow": "shadow",
     "scrub": "scrub",
+    "verify": "verify",
     "predict": "predict",
     "manager": "manager",
     "volume": "volume",

@@ -17,7 +17,9 @@ from shadowblk.delta.auth import AuthConfigError, client_tls_context, load_key
 from shadowblk.delta.primary_state import PrimaryStateError
 from shadowblk.delta.replicator import Replicator
 from shadowblk.delta.volume_state import VOLUME_ID
+from shadowblk.integrity.checksum_map import MapBusyError
 from shadowblk.nbd.backend import Backend, VolumeError
+from shadowblk.nbd.checksums import ChecksumObserver
 from shadowblk.nbd.handshake import Export
 from shadowblk.nbd.replication import ReplicationObserver
 from shadowblk.nbd.server import NBDServer
@@ -233,6 +235,13 @@ def replication_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--tls-verify-clients", is_flag=True, help="Require a client certificate signed by --tls-ca."
 )
+@click.option(
+    "--checksums/--no-checksums",
+    default=None,
+    help="Keep a crc32c per block in STATE_DIR/checksums.map for `shadowblk verify` and "
+    "scrub [default: on with --shadow, off otherwise: while it is on, every request runs in "
+    "the Python loop instead of the native one].",
+)
 @replication_options
 def command(
     path: Path,
@@ -247,6 +256,7 @@ def command(
     tls_key: Path | None,
     tls_ca: Path | None,
     tls_verify_clients: bool,
+    checksums: bool | None,
     replication: Replication,
 ) -> None:
     """Export PATH (a regular file or block device) over NBD, tracking every write.
@@ -266,6 +276,10 @@ def command(
         raise click.UsageError("--tls-ca/--tls-verify-clients need --tls-cert and --tls-key")
     export_name = name if name is not None else path.name
     replication.check(export_name, state_dir, read_only)
+    if checksums is None:
+        checksums = bool(replication.shadows)
+    if checksums and (state_dir is None or read_only):
+        raise click.UsageError("--checksums needs --state-dir (and a writable export)")
     try:
         tls = (
             server_context(tls_cert, tls_key, tls_ca, tls_verify_clients)
@@ -283,21 +297,36 @@ def command(
         )
         export = Export(export_name, backend, preferred_block=block_size)
         observer = replication.observer(export_name, backend, block_size, state_dir)
-        server = NBDServer(
-            export,
-            host,
-            port,
-            tls=tls,
-            tracker=tracker,
-            on_quiet=observer and (lambda: observer.close(replication.drain_timeout)),
+        crc_observer = (
+            ChecksumObserver(
+                state_dir,
+                backend,
+                block_size,
+                epoch=observer and (lambda: observer.replicator.last_cut),
+            )
+            if checksums and state_dir is not None
+            else None
         )
-    except (StateError, PrimaryStateError, ValueError, OSError) as exc:
+
+        def on_quiet() -> None:
+            try:
+                if observer is not None:
+                    observer.close(replication.drain_timeout)
+            finally:
+                if crc_observer is not None:
+                    crc_observer.close()
+
+        server = NBDServer(export, host, port, tls=tls, tracker=tracker, on_quiet=on_quiet)
+    except (StateError, PrimaryStateError, MapBusyError, ValueError, OSError) as exc:
         backend.close()
         raise click.ClickException(str(exc)) from None
     if observer is not None and tracker is not None:
         observer.url = server.url
         tracker.observers.append(observer)
         observer.start()
+    if crc_observer is not None and tracker is not None:
+        tracker.observers.append(crc_observer)  # after the replicator: a fenced write is not
+        # made, so it must not reach the map either
     server.install_signal_handlers()
     click.echo(f"ready {server.url}")
     sys.stdout.flush()

@@ -14,6 +14,7 @@ from pathlib import Path
 from shadowblk.delta.frames import ErrorCode, FrameError, Hello
 from shadowblk.delta.journal import Journal, Kind, Record, committed_epoch, read_records
 from shadowblk.delta.volume_state import VolumeState
+from shadowblk.integrity.applied_map import AppliedMap
 from shadowblk.nbd.backend import Backend, VolumeError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,12 @@ class ShadowVolume:
         self._sealed = False  # the journal holds a committed epoch not yet recorded as applied
         self._held: list[Record] | None = []  # the staged records, while they fit in HOLD_BYTES
         self._held_bytes = 0
+        self.checksums = AppliedMap(  # DIR/<id>.map: crc32c per block, for verify and scrub
+            data_dir / f"{state.volume_id}.map",
+            self.image_path,
+            state.block_size,
+            lambda: self.state.last_applied,
+        )
 
     @classmethod
     def create(cls, data_dir: Path, hello: Hello, device: Path | None = None) -> ShadowVolume:
@@ -50,6 +57,7 @@ class ShadowVolume:
                 raise VolumeError(f"{volume.image_path} does not exist")
             Backend.open(volume.image_path, hello.size, read_only=False).close()
             state.save(volume.state_path)
+            volume.checksums.prepare()
         except (OSError, VolumeError) as exc:
             if volume.own_image:
                 volume.image_path.unlink(missing_ok=True)
@@ -60,6 +68,7 @@ class ShadowVolume:
     def load(cls, data_dir: Path, state_path: Path, device: Path | None = None) -> ShadowVolume:
         volume = cls(data_dir, VolumeState.load(state_path), device)
         volume.recover()
+        volume.checksums.prepare()
         return volume
 
     def recover(self) -> None:
@@ -147,6 +156,7 @@ class ShadowVolume:
         self._staged_epoch = epoch
         if self._direct is not None:
             _write(self._direct, kind, offset, length, data)
+            self.checksums.applied(kind, offset, length, data)
             return
         self.journal.append(kind, offset, length, epoch, data)
         if self._held is not None:
@@ -191,12 +201,14 @@ class ShadowVolume:
         try:
             for record in records:
                 _write(backend, record.kind, record.offset, record.length, record.data)
+                self.checksums.applied(record.kind, record.offset, record.length, record.data)
             backend.flush()
         finally:
             backend.close()
         self._record(epoch)
 
     def _record(self, epoch: int) -> None:
+        self.checksums.committed(epoch)
         self.state.last_applied = epoch
         self.state.save(self.state_path)
 

@@ -84,6 +84,7 @@ class ChecksumMap:
         )
         self.rebuilt_reason: str | None = None
         """Why the map was rebuilt from the data when opened (None: loaded as saved)."""
+        self._clean_on_disk = False  # the header on disk says clean: clear it before a change
 
     # --- creating and opening -----------------------------------------------------------------
 
@@ -174,6 +175,7 @@ class ChecksumMap:
         after the write: the written bytes are laid over what it returns).
         """
         self._require_writable()
+        self._dirty()
         view = memoryview(data).cast("B")
         end = offset + len(view)
         if offset < 0 or end > self.size or not len(view):
@@ -203,6 +205,25 @@ class ChecksumMap:
                 buf[block - lo : block - lo + len(got)] = got
         buf[offset - lo : offset - lo + len(view)] = view
         return memoryview(buf)
+
+    def update_zero(self, offset: int, length: int, read: ReadBlock | None = None) -> None:
+        """The range now reads as zeroes (WRITE_ZEROES, TRIM): whole blocks get the zero-block
+        crc without building a buffer; partial blocks at the edges go through `update`."""
+        end = offset + length
+        if offset < 0 or length <= 0 or end > self.size:
+            raise ValueError(f"zero offset={offset} length={length} outside the volume")
+        bs = self.block_size
+        first = -(-offset // bs)
+        last = self.blocks if end == self.size else end // bs  # end of an odd-sized volume
+        if first >= last:
+            self.update(offset, bytes(length), read=read)
+            return
+        if offset < first * bs:
+            self.update(offset, bytes(first * bs - offset), read=read)
+        if end > last * bs:
+            self.update(last * bs, bytes(end - last * bs), read=read)
+        self._dirty()
+        self.crcs[first:last] = zero_block_crc(bs)
 
     def set_epoch(self, epoch: int) -> None:
         """Record that the map now covers every write up to `epoch` (persisted on flush)."""
@@ -236,6 +257,11 @@ class ChecksumMap:
         if not self.writable:
             raise PermissionError(f"{self.path}: opened read-only")
 
+    def _dirty(self) -> None:
+        """Before the first change after a flush: the header on disk must stop saying clean."""
+        if self._clean_on_disk:
+            self._write_header(clean=False)
+
     def _write_header(self, clean: bool) -> None:
         entries_crc = crc32c.crc32c(self.crcs) if clean else 0
         header = _pack_header(
@@ -243,6 +269,46 @@ class ChecksumMap:
         )
         os.pwrite(self._fd, header, 0)
         os.fsync(self._fd)
+        self._clean_on_disk = clean
+
+
+_ZERO_CRCS: dict[int, int] = {}
+
+
+def zero_block_crc(block_size: int) -> int:
+    """crc32c of an all-zero block (0x98f94189 for 4 KiB)."""
+    if block_size not in _ZERO_CRCS:
+        _ZERO_CRCS[block_size] = crc32c.crc32c(bytes(block_size))
+    return _ZERO_CRCS[block_size]
+
+
+class LiveMap:
+    """A copy of a map's entries as they are now, read without the lock and without the clean
+    flag: the view of a map a running server is writing (its shared mapping is in the page
+    cache, so the copy is current). For comparing live volumes only (verify), never for
+    trusting a map at rest: entries a writer is changing may be half old, half new."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise MapInvalidError(f"{path}: missing") from None
+        if len(raw) < HEADER_BYTES:
+            raise MapInvalidError(f"{path}: {len(raw)} bytes, too short for a map header")
+        head = raw[: _HEADER.size]
+        magic, _, flags, self.block_size, self.size, self.blocks, self.epoch, _ = (
+            _HEADER.unpack_from(head)
+        )
+        if magic != MAGIC:
+            raise MapInvalidError(f"{path}: not a shadowblk checksum map (magic {magic!r})")
+        if _HEADER_CRC.unpack_from(raw, _HEADER.size)[0] != crc32c.crc32c(head):
+            raise MapInvalidError(f"{path}: header checksum mismatch (corrupt)")
+        if len(raw) != HEADER_BYTES + 4 * self.blocks:
+            raise MapInvalidError(f"{path}: {len(raw)} bytes for {self.blocks} entries")
+        self.path = path
+        self.clean = bool(flags & FLAG_CLEAN)
+        self.crcs = np.frombuffer(raw, dtype="<u4", offset=HEADER_BYTES).copy()
 
 
 def _lock(fd: int, path: Path, writable: bool) -> None:
