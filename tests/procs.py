@@ -2,21 +2,16 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from shadowblk.ports import free_port
+
 SHADOWBLK = [sys.executable, "-m", "shadowblk.cli"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bind to 0, read it back)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["SHADOWBLK", "Processes", "free_port"]
 
 
 class Processes:

@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,15 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from shadowblk.agent.children import SHADOWBLK, spawn, stop, wait_ready
+from shadowblk.ports import free_port
 
 LAB_FILE = "lab.json"
 READY_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

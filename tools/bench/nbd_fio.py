@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shadowblk.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 WORKLOADS = [
@@ -34,12 +36,6 @@ WORKLOADS = [
     ("4k randwrite qd1", "randwrite", "4k", 1),
 ]
 SERVERS = ["shadowblk", "shadowblk-notrack", "nbdkit", "qemu-nbd"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
