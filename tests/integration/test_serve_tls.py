@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,10 @@ from tests.integration.test_serve_clients import (
     start_serve,
     stop_clean,
 )
+from tests.pki import make_ca, make_leaf
 from tests.procs import Processes
 
 MiB = 1 << 20
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -30,62 +26,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, in the file names
     QEMU's tls-creds-x509 and libnbd's tls-certificates expect."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        cwd=d,
-    )
-    for role, ext in [
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ]:
-        (d / f"{role}.ext").write_text(ext + "\n")
-        _openssl(
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            f"{role}-key.pem",
-            "-out",
-            f"{role}.csr",
-            "-subj",
-            f"/CN={role}",
-            cwd=d,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{role}.csr",
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-out",
-            f"{role}-cert.pem",
-            "-days",
-            "2",
-            "-extfile",
-            f"{role}.ext",
-            cwd=d,
-        )
+    make_ca(d, "ca", subject="test CA")
+    make_leaf(d, "ca", "server",
+              "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")  # fmt: skip
+    make_leaf(d, "ca", "client", "extendedKeyUsage=clientAuth")
     client_only = d / "client-dir"
     client_only.mkdir()
     for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,68 +12,10 @@ import pytest
 from shadowblk.delta.auth import client_tls_context
 from shadowblk.delta.replicator import Replicator
 from tests.delta_driver import Driver, file_hash
+from tests.pki import make_ca, make_leaf
 from tests.procs import SHADOWBLK, Processes
 
 SIZE = 4 << 20
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl(
-        d,
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        f"{name}-key.pem",
-        "-out",
-        f"{name}-cert.pem",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN={name}",
-    )
-
-
-def _leaf(d: Path, ca: str, name: str) -> None:
-    _openssl(
-        d,
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        f"{name}-key.pem",
-        "-out",
-        f"{name}.csr",
-        "-subj",
-        f"/CN={name}",
-    )
-    _openssl(
-        d,
-        "x509",
-        "-req",
-        "-in",
-        f"{name}.csr",
-        "-CA",
-        f"{ca}-cert.pem",
-        "-CAkey",
-        f"{ca}-key.pem",
-        "-CAcreateserial",
-        "-out",
-        f"{name}-cert.pem",
-        "-days",
-        "2",
-    )
 
 
 def refused(ctx: ssl.SSLContext, port: int) -> bool:
@@ -91,11 +32,11 @@ def refused(ctx: ssl.SSLContext, port: int) -> bool:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue-ca")
-    _leaf(d, "ca", "shadow")
-    _leaf(d, "ca", "primary")
-    _leaf(d, "rogue-ca", "intruder")
+    make_ca(d, "ca")
+    make_ca(d, "rogue-ca")
+    make_leaf(d, "ca", "shadow")
+    make_leaf(d, "ca", "primary")
+    make_leaf(d, "rogue-ca", "intruder")
     return d
 
 
