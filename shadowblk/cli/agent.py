@@ -48,7 +48,8 @@ def serve_has_shadows() -> bool:
     "manager_url",
     envvar="SHADOWBLK_MANAGER",
     required=True,
-    help="The manager's URL [env SHADOWBLK_MANAGER].",
+    help="The manager's URL, or several comma-separated (any of the fleet's managers) "
+    "[env SHADOWBLK_MANAGER].",
 )
 @click.option(
     "--token-file",

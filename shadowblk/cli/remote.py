@@ -42,7 +42,8 @@ def with_client(fn: Callable[..., Any]) -> Callable[..., Any]:
         envvar="SHADOWBLK_MANAGER",
         default="http://127.0.0.1:7600",
         show_default=True,
-        help="The manager's URL [env SHADOWBLK_MANAGER].",
+        help="The manager's URL, or several comma-separated (any of the fleet's managers) "
+        "[env SHADOWBLK_MANAGER].",
     )
     @click.option(
         "--token-file",

@@ -2,7 +2,9 @@
 
 Standard library only (urllib), so that every role can use it without an event loop; an
 asyncio caller runs it in a thread. A standby's 503 names the leader: the client repeats the
-request there once, so any manager's URL works for changes.
+request there once, so any manager's URL works for changes. Given several managers' URLs
+(comma-separated), it tries them in turn when one does not answer, starting with the last one
+that did: an agent keeps heartbeating through the death of the manager it was talking to.
 """
 
 from __future__ import annotations
@@ -29,13 +31,43 @@ class Unreachable(ManagerError):
         super().__init__(0, f"cannot reach the manager at {url}: {reason}")
 
 
-class Client:
-    """Calls on one manager (and its leader, when it is a standby)."""
-
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+def manager_urls(text: str) -> list[str]:
+    """The managers' URLs in a comma-separated list, each checked."""
+    urls = [u.strip().rstrip("/") for u in text.split(",") if u.strip()]
+    if not urls:
+        raise ManagerError(0, "no manager URL given")
+    for url in urls:
         if not url.startswith(("http://", "https://")):
             raise ManagerError(0, f"the manager URL must be http://HOST:PORT, not {url!r}")
-        self.url, self.token, self.timeout_s = url.rstrip("/"), token, timeout_s
+    return urls
+
+
+class Client:
+    """Calls on the managers (and their leader, when the one answering is a standby)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+        self.urls = manager_urls(url)
+        self.token, self.timeout_s = token, timeout_s
+
+    @property
+    def url(self) -> str:
+        """The manager that answered last (the first one given, before any call)."""
+        return self.urls[0]
+
+    def _any(self, method: str, path: str, body: Any) -> tuple[str, int, Any]:
+        """The first answer of the managers, tried from the last one that answered."""
+        failure: Unreachable | None = None
+        for i, base in enumerate(list(self.urls)):
+            try:
+                status, doc = self._once(base, method, path, body)
+            except Unreachable as err:
+                failure = err
+                continue
+            if i:
+                self.urls.insert(0, self.urls.pop(i))
+            return base, status, doc
+        assert failure is not None
+        raise failure
 
     def _once(self, base: str, method: str, path: str, body: Any) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -67,9 +99,9 @@ class Client:
         params = {k: v for k, v in query.items() if v is not None}
         if params:
             path += "?" + urllib.parse.urlencode(params)
-        status, doc = self._once(self.url, method, path, body)
+        base, status, doc = self._any(method, path, body)
         leader = (doc.get("detail") or {}) if status == 503 and isinstance(doc, dict) else {}
-        if isinstance(leader, dict) and leader.get("leader") not in (None, self.url):
+        if isinstance(leader, dict) and leader.get("leader") not in (None, base):
             status, doc = self._once(leader["leader"].rstrip("/"), method, path, body)
         if status >= 400:
             raise ManagerError(status, doc.get("error", "unknown error"), doc.get("detail"))
