@@ -13,6 +13,7 @@ import click
 from shadowblk.delta.auth import AuthConfigError, load_key, server_tls_context
 from shadowblk.delta.server import ShadowServer
 from shadowblk.delta.volume_state import VOLUME_ID
+from shadowblk.integrity import tree_service
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,14 @@ def parse_volume_paths(values: tuple[str, ...]) -> dict[str, Path]:
     return devices
 
 
-async def _serve(server: ShadowServer, host: str, port: int) -> None:
+async def _serve(
+    server: ShadowServer, host: str, port: int, verify: tuple[str, int] | None
+) -> None:
+    verifier = None
+    if verify is not None:  # bound first: `ready` means both ports answer
+        service = tree_service.TreeService(server.data_dir, server.key, server.tls)
+        verifier = await tree_service.start(service, *verify)
+        log.info("verify port: verify://%s:%d", verify[0], verifier.sockets[0].getsockname()[1])
     listener = await asyncio.start_server(server.handle, host, port, ssl=server.tls)
     bound = listener.sockets[0].getsockname()
     stop = asyncio.Event()
@@ -45,6 +53,8 @@ async def _serve(server: ShadowServer, host: str, port: int) -> None:
     await stop.wait()
     log.warning("stopping: no new streams; open streams end at an epoch boundary")
     listener.close()
+    if verifier is not None:
+        verifier.close()
     await server.close()
     await listener.wait_closed()
 
@@ -77,6 +87,13 @@ async def _serve(server: ShadowServer, host: str, port: int) -> None:
     help="Keep VOLUME's image on PATH (a block device or an existing file of the volume's size)"
     " instead of DIR/VOLUME.img. Repeatable.",
 )
+@click.option(
+    "--verify-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also answer `shadowblk verify` (hash-tree compare of the volumes' checksum maps) "
+    "on HOST:PORT, with the same authentication; by convention the --listen port + 1.",
+)
 def command(
     listen: str,
     data_dir: Path,
@@ -85,6 +102,7 @@ def command(
     tls_key: Path | None,
     tls_ca: Path | None,
     volume_paths: tuple[str, ...],
+    verify_listen: str | None,
 ) -> None:
     """Receive delta streams from primaries and keep DIR/<volume>.img at an exact past state.
 
@@ -92,6 +110,7 @@ def command(
     Prints `ready shadow://HOST:PORT` once listening; SIGTERM stops it cleanly.
     """
     host, port = parse_listen(listen)
+    verify = parse_listen(verify_listen) if verify_listen else None
     tls_opts = (tls_cert, tls_key, tls_ca)
     if any(tls_opts) and not all(tls_opts):
         raise click.UsageError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
@@ -109,7 +128,7 @@ def command(
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     server = ShadowServer(data_dir, key, tls, parse_volume_paths(volume_paths))
     try:
-        asyncio.run(_serve(server, host, port))
+        asyncio.run(_serve(server, host, port, verify))
     except OSError as exc:
-        click.echo(f"shadow: cannot listen on {listen}: {exc}", err=True)
+        click.echo(f"shadow: cannot listen: {exc}", err=True)
         sys.exit(1)

@@ -59,6 +59,7 @@ class CompareResult:
 
     differing: list[int] = field(default_factory=list)
     deferred: list[int] = field(default_factory=list)
+    peer_crcs: dict[int, int] = field(default_factory=dict)  # offset -> the peer's crc there
     bytes_sent: int = 0
     bytes_received: int = 0
     round_trips: int = 0
@@ -239,7 +240,7 @@ def _descend(
         for i in range(0, len(frontier), MAX_NODES_PER_REQUEST):
             batch = frontier[i : i + MAX_NODES_PER_REQUEST]
             reply = link.call(encode_children(lvl, batch))
-            below += _differing_children(local, lvl, batch, reply)
+            below += _differing_children(local, lvl, batch, reply, link.result.peer_crcs)
         frontier = below
     mask = start_mask | _block_mask(exclude, g)
     for block in frontier:
@@ -254,8 +255,11 @@ def _wholly_excluded(g: TreeGeometry, level: int, node: int, excluded_before: np
     return int(excluded_before[end] - excluded_before[first]) == end - first
 
 
-def _differing_children(local: HashTree, level: int, nodes: list[int], reply: bytes) -> list[int]:
-    """Indexes of the children (nodes of level-1, or blocks) that differ, in order."""
+def _differing_children(
+    local: HashTree, level: int, nodes: list[int], reply: bytes, peer_crcs: dict[int, int]
+) -> list[int]:
+    """Indexes of the children (nodes of level-1, or blocks) that differ, in order; for
+    blocks, the peer's crc of each goes into PEER_CRCS (by byte offset)."""
     g = local.geometry
     width = 4 if level == 0 else g.digest_size
     out: list[int] = []
@@ -269,7 +273,12 @@ def _differing_children(local: HashTree, level: int, nodes: list[int], reply: by
         pos += size
         ours = np.frombuffer(local.children(level, node), dtype=np.uint8).reshape(-1, width)
         rows = np.frombuffer(theirs, dtype=np.uint8).reshape(-1, width)
-        out += (np.nonzero((ours != rows).any(axis=1))[0] + first).tolist()
+        differ = np.nonzero((ours != rows).any(axis=1))[0]
+        out += (differ + first).tolist()
+        if level == 0:
+            crcs = np.frombuffer(theirs, dtype="<u4")
+            for i in differ.tolist():
+                peer_crcs[(first + i) * g.block_size] = int(crcs[i])
     if pos != len(reply):
         raise ProtocolError(f"{len(reply) - pos} unexpected bytes at the end of a reply")
     return out

@@ -1,13 +1,14 @@
 """Verify a live replicated primary against one of its shadows: compare their checksum maps by
 hash tree while writes continue, without false alarms for the epochs in flight.
 
-Sources (same host; the network form changes only where the shadow's answers come from):
+Sources:
 
 - the primary's map: STATE_DIR/checksums.map, written by the running `serve` (read live:
   `LiveMap`, a copy of the shared mapping's current entries);
-- the shadow's map: SHADOW_DIR/<volume>.map, written by the shadow's applier; its answers to
-  the compare messages come from a `TreeResponder` over it (`send`), so bytes exchanged are
-  counted as they would be on a wire;
+- the shadow's map, through a `ShadowSource`: `LocalShadow` reads SHADOW_DIR/<volume>.map on
+  this host and answers the compare messages from a `TreeResponder` in process (bytes
+  exchanged counted as on a wire); `RemoteShadow` asks the shadow's verify port
+  (`tree_service`), which snapshots its map on OPEN and answers from the snapshot;
 - what is in flight: the primary's persisted record of the shadow,
   STATE_DIR/replication/shadow-<host>-<port>.lacks (+ .json, the last acknowledged epoch).
   That bitmap is a superset, at every moment, of the blocks the shadow may not have applied
@@ -17,7 +18,7 @@ Sources (same host; the network form changes only where the shadow's answers com
   The status file (`status.json`) says whether the shadow is streaming in sync: a shadow in a
   full sync is not comparable (its record does not list what it lacks).
 
-One round: read the record (acked epoch, bitmap and the bitmap file's identity), copy both
+One round: read the record (acked epoch, bitmap and the bitmap file's identity), snapshot both
 maps, read the record again. The round is *trusted* when the record did not change meanwhile
 (same acked epoch, same file): then every block that differs legitimately is in the bitmap,
 and a differing block outside it is a real discrepancy. The exclusion is the union of both
@@ -34,16 +35,27 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from shadowblk.delta.primary_state import shadow_name
 from shadowblk.integrity.checksum_map import LiveMap, MapInvalidError
 from shadowblk.integrity.discrepancies import Discrepancy, DiscrepancyLog
 from shadowblk.integrity.hash_tree import HashTree
-from shadowblk.integrity.tree_compare import CompareResult, TreeResponder, compare, recheck
+from shadowblk.integrity.tree_client import TreeClient
+from shadowblk.integrity.tree_compare import (
+    CompareResult,
+    GeometryMismatch,
+    ProtocolError,
+    Send,
+    TreeResponder,
+    compare,
+    recheck,
+)
+from shadowblk.integrity.tree_wire import WireError
 from shadowblk.nbd.checksums import MAP_FILE
 from shadowblk.nbd.replication import StatusUnavailable, read_status
 from shadowblk.tracking.bitmap import DirtyBitmap
@@ -77,7 +89,8 @@ class VerifyReport:
     block_size: int = 0
     rounds: int = 0
     untrusted_rounds: int = 0
-    bytes_exchanged: int = 0
+    bytes_exchanged: int = 0  # tree-compare messages
+    wire_bytes: int = 0  # bytes on the socket to the verify port (0 for a local shadow)
     round_trips: int = 0
     differing: list[int] = field(default_factory=list)  # byte offsets, real discrepancies
     in_flight: int = 0  # blocks in flight at the first compare (skipped or deferred)
@@ -94,22 +107,98 @@ class VerifyReport:
         return data
 
 
+def recorded_shadow(state_dir: Path) -> str:
+    """HOST:PORT of the primary's only shadow (as given to `serve --shadow`)."""
+    folder = state_dir / "replication"
+    records = sorted(folder.glob("shadow-*.json"))
+    if len(records) != 1:
+        raise NotComparable(f"{len(records)} shadows recorded in {folder}: name one with --shadow")
+    host, _, port = records[0].name.removeprefix("shadow-").removesuffix(".json").rpartition("-")
+    return f"{host}:{port}"
+
+
+class ShadowSource(Protocol):
+    """Where a shadow's map is compared from: `snapshot` fixes its state for one round."""
+
+    wire_bytes: int  # bytes on the network so far (0 for a local shadow)
+
+    def snapshot(self, volume_id: str) -> Send: ...
+
+    def close(self) -> None: ...
+
+
 class LocalShadow:
     """A shadow whose data folder is on this host: its map is read from the file."""
 
-    def __init__(self, data_dir: Path, volume_id: str) -> None:
-        self.map_path = data_dir / f"{volume_id}.map"
-        self.state_path = data_dir / f"{volume_id}.state"
+    wire_bytes = 0
 
-    def snapshot(self) -> LiveMap:
-        return LiveMap(self.map_path)
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def snapshot(self, volume_id: str) -> Send:
+        try:
+            theirs = LiveMap(self.data_dir / f"{volume_id}.map")
+        except MapInvalidError as exc:
+            raise NotComparable(str(exc)) from None
+        return TreeResponder(HashTree(theirs.crcs, theirs.block_size)).handle
+
+    def close(self) -> None:
+        """Nothing is held between rounds."""
+
+
+class RemoteShadow:
+    """A shadow reached at its verify port (`shadowblk shadow --verify-listen`); one
+    connection, opened at the first snapshot and kept for the following rounds."""
+
+    def __init__(self, host: str, port: int, key: bytes | None, tls: ssl.SSLContext | None) -> None:
+        self.host, self.port, self.key, self.tls = host, port, key, tls
+        self.client: TreeClient | None = None
+        self._counted = 0  # bytes of connections already closed
+
+    @property
+    def wire_bytes(self) -> int:
+        live = self.client.bytes_sent + self.client.bytes_received if self.client else 0
+        return self._counted + live
+
+    def snapshot(self, volume_id: str) -> Send:
+        """OPEN on the kept connection, or on a new one if that fails (the shadow closes idle
+        connections, e.g. between compares of `--repeat N --interval S`)."""
+        error: Exception | None = None
+        for fresh in (True,) if self.client is None else (False, True):
+            try:
+                if fresh:
+                    self.close()
+                    self.client = TreeClient(self.host, self.port, self.key, self.tls)
+                assert self.client is not None
+                self.client.open(volume_id)
+                return self._send
+            except (OSError, WireError) as exc:
+                error = exc
+        self.close()
+        raise NotComparable(f"shadow verify port {self.host}:{self.port}: {error}") from None
+
+    def _send(self, request: bytes) -> bytes:
+        """The client's send; a broken connection ends the compare as a ProtocolError and the
+        next snapshot connects again."""
+        try:
+            assert self.client is not None
+            return self.client.send(request)
+        except (OSError, WireError) as exc:
+            self.close()
+            raise ProtocolError(f"verify port {self.host}:{self.port}: {exc}") from None
+
+    def close(self) -> None:
+        if self.client is not None:
+            self._counted = self.wire_bytes
+            self.client.close()
+            self.client = None
 
 
 class Verifier:
     def __init__(
         self,
         state_dir: Path,
-        shadow_dir: Path,
+        source: ShadowSource,
         shadow: str | None = None,
         server: str | None = None,
     ) -> None:
@@ -123,7 +212,7 @@ class Verifier:
             raise NotComparable(
                 f"{state_dir} is not a replicated primary's state ({exc})"
             ) from None
-        self.shadow_address = shadow or self._only_shadow()
+        self.shadow_address = shadow or recorded_shadow(state_dir)
         host, _, port = self.shadow_address.rpartition(":")
         if not port.isdigit():
             raise NotComparable(f"--shadow {self.shadow_address!r} is not HOST:PORT")
@@ -131,18 +220,9 @@ class Verifier:
         self.json_path = self.replication_dir / f"shadow-{name}.json"
         self.lacks_path = self.replication_dir / f"shadow-{name}.lacks"
         self.primary_map = state_dir / MAP_FILE
-        self.shadow = LocalShadow(shadow_dir, self.volume_id)
-
-    def _only_shadow(self) -> str:
-        records = sorted(self.replication_dir.glob("shadow-*.json"))
-        if len(records) != 1:
-            raise NotComparable(
-                f"{len(records)} shadows recorded in {self.replication_dir}: name one with --shadow"
-            )
-        host, _, port = (
-            records[0].name.removeprefix("shadow-").removesuffix(".json").rpartition("-")
-        )
-        return f"{host}:{port}"
+        self.shadow = source
+        self.block_size = 0  # the maps', known after the first round
+        self._found: dict[int, tuple[int, int]] = {}  # offset -> (primary crc, shadow crc)
 
     # --- the primary's view of the shadow ----------------------------------------------------
 
@@ -189,28 +269,32 @@ class Verifier:
         first = self._record()
         try:
             ours = LiveMap(self.primary_map)
-            theirs = self.shadow.snapshot()
         except MapInvalidError as exc:
             raise NotComparable(str(exc)) from None
+        send = self.shadow.snapshot(self.volume_id)
         last = self._record()
         self.status()
-        if (ours.size, ours.block_size) != (theirs.size, theirs.block_size):
-            raise NotComparable(
-                f"maps of different volumes: {ours.size}/{ours.block_size} and "
-                f"{theirs.size}/{theirs.block_size}"
-            )
         trusted = first.acked == last.acked and first.identity == last.identity
         exclude = first.lacks.copy()
         exclude.union(last.lacks)
         local = HashTree(ours.crcs, ours.block_size)
-        responder = TreeResponder(HashTree(theirs.crcs, theirs.block_size))
-        result: CompareResult = (
-            compare(local, responder.handle, exclude)
-            if offsets is None
-            else recheck(local, responder.handle, offsets, exclude)
-        )
-        self._crcs = (ours.crcs, theirs.crcs, ours.block_size)
+        try:
+            result: CompareResult = (
+                compare(local, send, exclude)
+                if offsets is None
+                else recheck(local, send, offsets, exclude)
+            )
+        except GeometryMismatch as exc:
+            raise NotComparable(f"maps of different volumes: {exc}") from None
+        except ProtocolError as exc:
+            raise NotComparable(f"compare with {self.shadow_address} failed: {exc}") from None
+        self.block_size = ours.block_size
         if trusted:
+            for offset in result.differing:
+                self._found[offset] = (
+                    int(ours.crcs[offset // ours.block_size]),
+                    result.peer_crcs[offset],
+                )
             differing, deferred = result.differing, result.deferred
         else:
             differing, deferred = [], sorted(result.deferred + result.differing)
@@ -227,8 +311,9 @@ class Verifier:
         report = VerifyReport(self.volume_id, self.shadow_address)
         status = self.status()
         cut = status["last_cut_epoch"] if status else 0
+        wire_before = self.shadow.wire_bytes
         first = self._count(report, self.round())
-        bs = report.block_size = self._crcs[2]
+        bs = report.block_size = self.block_size
         found = set(first.differing)
         # every block in flight is rechecked once acknowledged, whether or not it was seen to
         # differ (a wholly excluded subtree is not even descended)
@@ -254,6 +339,7 @@ class Verifier:
         status = self.status()
         report.primary_epoch = status["last_cut_epoch"] if status else 0
         report.acked_epoch = status["acked_epoch"] if status else self._record().acked
+        report.wire_bytes = self.shadow.wire_bytes - wire_before
         report.seconds = round(time.monotonic() - start, 3)
         if log is not None and found:
             log.append(self._discrepancies(report))
@@ -274,18 +360,17 @@ class Verifier:
             time.sleep(0.1)
 
     def _discrepancies(self, report: VerifyReport) -> list[Discrepancy]:
-        ours, theirs, bs = self._crcs
         return [
             Discrepancy(
                 server=self.server,
                 volume=self.volume_id,
                 offset=offset,
-                block_size=bs,
+                block_size=report.block_size,
                 side="shadow",
                 kind="diverged",
                 repaired=False,
-                expected_crc=int(ours[offset // bs]),
-                actual_crc=int(theirs[offset // bs]),
+                expected_crc=self._found[offset][0],
+                actual_crc=self._found[offset][1],
                 detail=(
                     f"verify: shadow {self.shadow_address} map differs from the primary's while "
                     "the block was not in flight (scrub decides who holds the truth)"

@@ -1,6 +1,8 @@
 """Scrub on real files: bytes flipped on disk are found, attributed to the right side,
 repaired from the good side and recorded; the reader honours its rate, O_DIRECT and progress."""
 
+import mmap
+import os
 import time
 from pathlib import Path
 
@@ -8,6 +10,8 @@ import crc32c
 import numpy as np
 import pytest
 
+from shadowblk.integrity import crc_scan
+from shadowblk.integrity.blockcrc import block_crc32c
 from shadowblk.integrity.checksum_map import ChecksumMap
 from shadowblk.integrity.crc_scan import checksum_file
 from shadowblk.integrity.discrepancies import DiscrepancyLog
@@ -183,3 +187,36 @@ def test_checksum_file_covers_an_odd_sized_file_zero_padded(
     assert crcs.tolist() == [crc32c.crc32c(padded[i : i + BS]) for i in range(0, len(padded), BS)]
     with pytest.raises(ValueError, match="multiple"):
         checksum_file(path, BS, chunk_size=BS + 1)
+
+
+def _drop(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached(path: Path) -> bool:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as pages:
+        return crc_scan._all_cached(pages, 1 << 20)
+
+
+def test_cached_uncached_and_partly_cached_files_checksum_alike(tmp_path: Path) -> None:
+    """Windows in the page cache are checksummed in place, others read with pread: the same
+    crcs either way, the odd tail zero-padded."""
+    path = tmp_path / "two-windows.img"
+    data = np.random.default_rng(3).bytes(crc_scan.MAP_WINDOW + 5 * (1 << 20) + 100)
+    path.write_bytes(data)
+    padded = data + bytes(BS - 100)
+    expected = block_crc32c(padded, BS).tolist()
+    assert cached(path)
+    warm = checksum_file(path, BS, drop_cache=False).tolist()
+    _drop(path)  # as the scan does by default, too
+    assert not cached(path)
+    cold = checksum_file(path, BS).tolist()
+    with open(path, "rb") as f:
+        f.read(1 << 20)  # the first window now partly cached
+    partly = checksum_file(path, BS, workers=1).tolist()
+    assert warm == cold == partly == expected
