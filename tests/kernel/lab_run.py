@@ -1,16 +1,19 @@
-"""One guest boot that serves every kernel test: dm-era, a dm-linear swap, the NBD client.
+"""One guest boot that serves every kernel test: dm-era, a dm-linear swap, the NBD client,
+`shadowblk track --dm-era` shipping to a shadow, `shadowblk attach --dm` against the router.
 
 Booting is the slow part under TCG (15-60 s), so the checks run as parts of one boot, each with
 its own result folder and exit status; the tests then look at their own part.
 """
 
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.delta_driver import make_key
 from tests.procs import SHADOWBLK, Processes, free_port
 from tools.kernel_lab import GuestResult, run_guest
 from tools.kernel_lab.initramfs import REPO
@@ -88,6 +91,7 @@ class LabRun:
     hosts_marker: bytes
     eras: tuple[EraCase, ...] = (SMALL, BIG)
     servers: dict[str, Path] = field(default_factory=dict)
+    shadow_dir: Path | None = None  # the data folder of the shadow `track` ships to
 
     def part(self, name: str) -> tuple[int | None, str]:
         """A part's exit status and log."""
@@ -103,6 +107,14 @@ def _sparse(path: Path, size: int) -> Path:
     return path
 
 
+def _gpt(path: Path, names: tuple[str, ...]) -> Path:
+    """A disk image with a GPT of 2 MiB partitions named NAMES (what the udev rule matches)."""
+    _sparse(path, (len(names) * 2 + 2) * MIB)
+    table = "label: gpt\n" + "".join(f"size=2MiB, name={n}\n" for n in names)
+    subprocess.run(["sfdisk", "-q", str(path)], input=table, text=True, check=True)
+    return path
+
+
 def _wait_listening(port: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,7 +127,10 @@ def _wait_listening(port: int, timeout: float = 20) -> None:
 
 @contextmanager
 def nbd_servers(work: Path, marker: bytes) -> Iterator[tuple[dict[str, int], dict[str, Path]]]:
-    """nbdkit and `shadowblk serve`, each over a 64 MiB file with MARKER at block 10."""
+    """The host's servers: nbdkit and `shadowblk serve` for the NBD client parts, each over a
+    64 MiB file with MARKER at block 10; a primary (`shadowblk serve`) and a shadow (nbdkit,
+    cache=none) over one 64 MiB file for the switchover part (what one acknowledged the other
+    reads, through the host's page cache); a `shadowblk shadow` for the track part."""
     procs = Processes(work)
     files = {}
     for name in ("nbdkit", "shadowblk"):
@@ -123,22 +138,38 @@ def nbd_servers(work: Path, marker: bytes) -> Iterator[tuple[dict[str, int], dic
         with open(files[name], "r+b") as f:
             f.seek(10 * 4096)
             f.write(marker)
+    files["switch"] = _sparse(work / "switch.img", 64 * MIB)
     try:
-        port = free_port()
-        procs.start(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file",
-                     str(files["nbdkit"])], "nbdkit")  # fmt: skip
-        _wait_listening(port)
-        serve = procs.start([*SHADOWBLK, "serve", str(files["shadowblk"]), "--listen",
-                             "127.0.0.1:0", "--name", "vol"], "shadowblk-serve")  # fmt: skip
-        url = procs.wait_ready(serve, timeout=60).split()[1]  # nbd://127.0.0.1:PORT/vol
-        ports = {"NBDKIT_PORT": port, "SHADOWBLK_PORT": int(url.rsplit(":", 1)[1].split("/")[0])}
+        ports = {"NBDKIT_PORT": free_port(), "SWITCH_SHADOW_PORT": free_port()}
+        for port, image, extra in ((ports["NBDKIT_PORT"], files["nbdkit"], []),
+                                   (ports["SWITCH_SHADOW_PORT"], files["switch"],
+                                    ["cache=none"])):  # fmt: skip
+            procs.start(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file",
+                         str(image), *extra], f"nbdkit-{port}")  # fmt: skip
+            _wait_listening(port)
+        for key, image in (("SHADOWBLK_PORT", files["shadowblk"]),
+                           ("SWITCH_PRIMARY_PORT", files["switch"])):  # fmt: skip
+            serve = procs.start([*SHADOWBLK, "serve", str(image), "--listen", "127.0.0.1:0",
+                                 "--name", "vol"], f"serve-{image.stem}")  # fmt: skip
+            url = procs.wait_ready(serve, timeout=60).split()[1]  # nbd://127.0.0.1:PORT/vol
+            ports[key] = int(url.rsplit(":", 1)[1].split("/")[0])
+        files["key"] = make_key(work / "hmac.key")
+        shadow = procs.start([*SHADOWBLK, "shadow", "--listen", "127.0.0.1:0", "--data-dir",
+                              str(work / "shadow"), "--hmac-key-file", str(files["key"])],
+                             "shadow")  # fmt: skip
+        ports["TRACK_SHADOW_PORT"] = int(procs.wait_ready(shadow, timeout=60).rsplit(":", 1)[1])
         yield ports, files
     finally:
         procs.stop_all()  # SIGTERM first for a clean flush, SIGKILL after 5 s
 
 
-def boot_lab(work: Path, timeout: float = 420) -> LabRun:
-    """Make the disks, start the NBD servers, run every part in one guest, stop the servers."""
+PARTS = (f"{SMALL.name}:era", f"{BIG.name}:era", "era_live:era-live", "swap:linear-swap",
+         "nbd_nbdkit:nbd", "nbd_shadowblk:nbd", "track:track", "switch:switch",
+         "udev:udev")  # fmt: skip
+
+
+def boot_lab(work: Path, timeout: float = 1320, parts: tuple[str, ...] = PARTS) -> LabRun:
+    """Make the disks, start the servers, run PARTS (NAME:SCRIPT) in one guest, stop them."""
     images = {
         "small_meta": _sparse(work / "small-meta.img", 8 * MIB),
         "small_origin": _sparse(work / "small-origin.img", SMALL.origin_mib * MIB),
@@ -148,23 +179,29 @@ def boot_lab(work: Path, timeout: float = 420) -> LabRun:
         "swap_new": _sparse(work / "swap-new.img", 64 * MIB),
         "live_meta": _sparse(work / "live-meta.img", 8 * MIB),
         "live_origin": _sparse(work / "live-origin.img", 64 * MIB),
-    }  # vda .. vdh, in this order
+        "track_meta": _sparse(work / "track-meta.img", 8 * MIB),
+        "track_origin": _sparse(work / "track-origin.img", 32 * MIB),
+        "udev_disk": _gpt(work / "udev-disk.img", ("sbk-vol2", "plain2")),
+    }  # vda .. vdk, in this order
     env = {
         f"ARGS_{SMALL.name}": f"{SMALL.name} /dev/vda /dev/vdb {SMALL.block_sectors} "
         + " ".join(SMALL.ops),
         f"ARGS_{BIG.name}": f"{BIG.name} /dev/vdc /dev/vdd {BIG.block_sectors} "
         + " ".join(BIG.ops),
         "ARGS_swap": "/dev/vde /dev/vdf",
+        "PART_TIMEOUT": "420",  # the parts that start the host's Python: 10-60 s per start
         "ARGS_era_live": f"/dev/vdg /dev/vdh {REPO}",
+        "ARGS_udev": f"{REPO} /dev/vdf /dev/vdk1 /dev/vdk2",  # vdf: read only, after swap
     }
-    parts = [f"{SMALL.name}:era", f"{BIG.name}:era", "era_live:era-live", "swap:linear-swap",
-             "nbd_nbdkit:nbd", "nbd_shadowblk:nbd"]  # fmt: skip
     script = "#!/bin/sh\nexec sh /klab/run-parts.sh " + " ".join(parts) + "\n"
     files = {p.name: p for p in GUEST.glob("*.sh")}
     marker = b"marker-from-the-host\n"
     with nbd_servers(work, marker) as (ports, servers):
         env["ARGS_nbd_nbdkit"] = f"/dev/nbd0 {ports['NBDKIT_PORT']} vol"
         env["ARGS_nbd_shadowblk"] = f"/dev/nbd1 {ports['SHADOWBLK_PORT']} vol"
+        env["ARGS_track"] = (f"/dev/vdi /dev/vdj {REPO} {ports['TRACK_SHADOW_PORT']} "
+                             f"{servers['key']}")  # fmt: skip
+        env["ARGS_switch"] = f"{REPO} {ports['SWITCH_PRIMARY_PORT']} {ports['SWITCH_SHADOW_PORT']}"
         result = run_guest(script, list(images.values()), timeout, work / "out",
                            host_ports=ports, env=env, files=files, host_root=True)  # fmt: skip
-    return LabRun(result, images, marker, servers=servers)
+    return LabRun(result, images, marker, servers=servers, shadow_dir=work / "shadow")

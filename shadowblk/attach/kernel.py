@@ -1,0 +1,179 @@
+"""The device-mapper attach: /dev/mapper/NAME, dm-linear over the kernel NBD client.
+
+The VM's volume is a dm-linear device over /dev/nbdX, connected to the primary's export. A
+switchover connects /dev/nbdY to the new primary first, then suspends NAME (new I/O waits in
+device-mapper, in-flight I/O completes on the old primary) and resumes with the table over
+/dev/nbdY, loaded before the suspend: the VM sees a pause, never an error. Then /dev/nbdX is
+disconnected. The device-mapper and NBD calls are ioctls made in this process
+(shadowblk.kernel), so nothing in the paused window starts a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from shadowblk.attach.router import Refused
+from shadowblk.attach.upstream import Target as Export
+from shadowblk.attach.upstream import UpstreamError
+from shadowblk.kernel.dm import MAPPER, DeviceMapper, DMError, Target
+from shadowblk.kernel.nbd import KernelNBD
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+
+
+@dataclass
+class Switch:
+    """What one table swap measured, in milliseconds (monotonic clock of this host)."""
+
+    uri: str
+    generation: int
+    device: str  # the /dev/nbdY now under the volume
+    pause_ms: float  # suspend issued -> resume returned: I/O waits this long at most
+    suspend_ms: float  # of which: the suspend, i.e. the drain of in-flight I/O
+    load_ms: float  # the new table's load, before the suspend (not part of the pause)
+    resume_ms: float
+    connect_ms: float  # the new NBD connection, made before the suspend
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def linear(nbd: KernelNBD) -> list[Target]:
+    return [Target(0, nbd.size // SECTOR, "linear", f"{nbd.device} 0")]
+
+
+def _connect(uri: str) -> tuple[KernelNBD, str]:
+    try:
+        export = Export.parse(uri)
+    except UpstreamError as exc:
+        raise Refused(422, str(exc)) from None
+    try:
+        return KernelNBD(export.host, export.port, export.name), str(export)
+    except OSError as exc:
+        raise Refused(502, f"{export}: {exc}") from None
+
+
+class KernelAttach:
+    """One volume's /dev/mapper/NAME; `repoint` has the router's contract (control.py)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dm = DeviceMapper()
+        self.nbd: KernelNBD | None = None
+        self.uri = ""
+        self.generation = -1
+        self.switches: list[Switch] = []
+        self.paused = False
+        self._pauses = 0  # a pause's limit timer only resumes if nothing came after it
+        self._lock = asyncio.Lock()
+
+    @property
+    def device(self) -> Path:
+        return MAPPER / self.name
+
+    def start(self, uri: str, generation: int) -> None:
+        """Connect the first primary and create the device over it."""
+        self.nbd, self.uri = _connect(uri)
+        try:
+            self.dm.create(self.name, linear(self.nbd))
+        except DMError:
+            self.nbd.close()
+            raise
+        self.generation = generation
+
+    async def repoint(self, uri: str, generation: int, replay: bool = False) -> Switch:
+        """Swap the device over to URI's export. REPLAY (resend the writes since the last
+        FLUSH, as the router can) is refused: the kernel's NBD client keeps none."""
+        async with self._lock:
+            if replay:
+                raise Refused(409, "the kernel NBD client keeps no unflushed writes to replay")
+            if generation < self.generation:
+                raise Refused(409, f"generation {generation} is older than {self.generation}")
+            start = time.monotonic()
+            new, uri = await asyncio.to_thread(_connect, uri)
+            connect_ms = (time.monotonic() - start) * 1000
+            assert self.nbd is not None
+            if new.size != self.nbd.size:
+                await asyncio.to_thread(new.close)
+                raise Refused(409, f"{uri} is {new.size} bytes, the volume {self.nbd.size}")
+            try:
+                times = await asyncio.to_thread(self._swap, new)
+            except DMError as exc:
+                await asyncio.to_thread(new.close)
+                raise Refused(502, f"table swap failed: {exc}") from None
+            old, self.nbd, self.uri, self.generation = self.nbd, new, uri, generation
+            self.paused = False
+            self._pauses += 1
+            await asyncio.to_thread(old.close)
+            switch = Switch(uri, generation, str(new.device), *times, connect_ms)
+            self.switches.append(switch)
+            return switch
+
+    async def pause(self, limit: float) -> float:
+        """Suspend the device (the fencing period of a planned switchover): new I/O waits in
+        device-mapper, in-flight I/O completes. The next repoint or resume lets I/O through, or
+        LIMIT seconds do. Returns the drain in ms (the suspend's duration)."""
+        async with self._lock:
+            start = time.monotonic()
+            await asyncio.to_thread(self.dm.suspend, self.name)
+            self.paused = True
+            self._pauses += 1
+            asyncio.get_running_loop().call_later(limit, self._unpause, self._pauses)
+            return (time.monotonic() - start) * 1000
+
+    def _unpause(self, number: int) -> None:
+        if number == self._pauses and self.paused:
+            log.warning("no repoint came after a pause: resuming on the current primary")
+            self.resume()
+
+    def resume(self) -> None:
+        """Let I/O through on the current table (a switchover that did not happen)."""
+        self._pauses += 1
+        if self.paused:
+            self.dm.resume(self.name)
+            self.paused = False
+
+    def _swap(self, new: KernelNBD) -> tuple[float, float, float, float]:
+        """Load the new table (inactive: I/O still flows), then suspend and resume, which swaps
+        it in; (pause, suspend, load, resume) in ms, the pause being suspend -> resume. A
+        failed suspend drops the loaded table; the device is resumed whatever happened."""
+        t0 = time.monotonic()
+        self.dm.load(self.name, linear(new))
+        t1 = time.monotonic()
+        try:
+            self.dm.suspend(self.name)
+        except DMError:
+            self.dm.clear(self.name)
+            raise
+        t2 = time.monotonic()
+        self.dm.resume(self.name)
+        t3 = time.monotonic()
+        return (t3 - t1) * 1000, (t2 - t1) * 1000, (t1 - t0) * 1000, (t3 - t2) * 1000
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "upstream": self.uri,
+            "nbd": str(self.nbd.device) if self.nbd else None,
+            "upstream_alive": bool(self.nbd and self.nbd.connected),
+            "paused": self.paused,
+            "generation": self.generation,
+            "repoints": len(self.switches),
+            "last_repoint": self.switches[-1].to_dict() if self.switches else None,
+        }
+
+    def close(self) -> None:
+        """Remove the device (refused while something holds it open) and disconnect."""
+        try:
+            self.dm.remove(self.name)
+        finally:
+            if self.nbd is not None:
+                self.nbd.close()
+            self.dm.close()

@@ -1,0 +1,1 @@
+"""Kernel interfaces driven from Python: device-mapper and the NBD client, through their ioctls."""

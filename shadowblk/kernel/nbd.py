@@ -1,0 +1,104 @@
+"""The kernel's NBD client driven through its ioctls (linux/nbd.h): /dev/nbdN over an export.
+
+We do the handshake ourselves (shadowblk.nbd.client: fixed newstyle, NBD_OPT_GO), then hand the
+connected socket, the export's size and its transmission flags to the kernel. NBD_DO_IT blocks
+for as long as the device is connected, so a thread holds it; NBD_DISCONNECT ends it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+from pathlib import Path
+
+from ioctl_opt import IO
+
+from shadowblk.nbd.client import NBDClient
+
+_NBD = 0xAB
+SET_SOCK, SET_BLKSIZE, DO_IT, CLEAR_SOCK = IO(_NBD, 0), IO(_NBD, 1), IO(_NBD, 3), IO(_NBD, 4)
+SET_SIZE_BLOCKS, DISCONNECT, SET_TIMEOUT, SET_FLAGS = (
+    IO(_NBD, 7),
+    IO(_NBD, 8),
+    IO(_NBD, 9),
+    IO(_NBD, 10),
+)
+BLOCK = 4096
+SYS_BLOCK = Path("/sys/block")
+
+
+class KernelNBDError(OSError):
+    """No free /dev/nbdN, or the kernel refused the connection."""
+
+
+def free_devices() -> list[Path]:
+    """/dev/nbdN devices with no connection (no `pid` in sysfs), lowest N first."""
+    names = sorted((p.name for p in SYS_BLOCK.glob("nbd*")), key=lambda n: int(n[3:]))
+    return [Path("/dev") / n for n in names if not (SYS_BLOCK / n / "pid").exists()]
+
+
+class KernelNBD:
+    """One /dev/nbdN connected to an export; `close()` disconnects it."""
+
+    def __init__(self, host: str, port: int, name: str, timeout: int = 30) -> None:
+        self.client = NBDClient(host, port, name)
+        self.size = self.client.size
+        self.flags = self.client.flags
+        self.client.sock.settimeout(None)  # the kernel reads and writes it from now on
+        self.device, self.fd = self._claim(timeout)
+        self.ended = threading.Event()
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._do_it, name=f"nbd-{self.device.name}",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _claim(self, timeout: int) -> tuple[Path, int]:
+        """The first free device that takes our socket (another client may race us to one)."""
+        if self.size % BLOCK:
+            raise KernelNBDError(errno.EINVAL, f"export size {self.size} is not 4 KiB aligned")
+        for device in free_devices():
+            fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, SET_SOCK, self.client.sock.fileno())
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno == errno.EBUSY:
+                    continue
+                raise
+            try:
+                fcntl.ioctl(fd, SET_BLKSIZE, BLOCK)
+                fcntl.ioctl(fd, SET_SIZE_BLOCKS, self.size // BLOCK)
+                fcntl.ioctl(fd, SET_FLAGS, self.flags)
+                fcntl.ioctl(fd, SET_TIMEOUT, timeout)
+            except OSError:
+                fcntl.ioctl(fd, CLEAR_SOCK)
+                os.close(fd)
+                raise
+            return device, fd
+        raise KernelNBDError(errno.ENODEV, "no free /dev/nbdN (is the nbd module loaded?)")
+
+    def _do_it(self) -> None:
+        try:
+            fcntl.ioctl(self.fd, DO_IT)
+        except OSError as exc:  # EPIPE/ECONNRESET when the server went away
+            self.error = exc
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.fd, CLEAR_SOCK)
+            self.ended.set()
+
+    @property
+    def connected(self) -> bool:
+        return not self.ended.is_set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Disconnect politely (the kernel sends NBD_CMD_DISC) and release the device."""
+        if not self.ended.is_set():
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.fd, DISCONNECT)
+        self._thread.join(timeout)
+        os.close(self.fd)
+        self.client.close()

@@ -1,0 +1,158 @@
+"""Guest side of the switchover test, run in the host's userland inside the guest (klab-chroot).
+
+The same writer (QD1, O_DIRECT, 4 KiB blocks, each headed "pass P block B", every write's start
+and end time taken here in the guest) runs twice: on /dev/mapper/sbk-vol made by `shadowblk attach
+--dm` (a table swap from the primary's /dev/nbdX to the shadow's), then on a /dev/nbdN (the
+kernel client, connected here) over the userspace router (`shadowblk attach --listen`,
+repointed). switch.sh started both attach processes (fixed ports: the guest is ours alone).
+Both swaps go from the primary to the shadow while the writer runs; afterwards every block must
+hold its last write.
+Usage: python -m tests.kernel.guest_switch OUT SHADOW_URI
+"""
+
+import json
+import mmap
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from shadowblk.kernel.nbd import KernelNBD
+
+BLOCK = 4096
+WINDOW = 256  # blocks rewritten pass after pass
+CONTROL = {"dm": "127.0.0.1:7001", "router": "127.0.0.1:7002"}  # as switch.sh starts them
+ROUTER_PORT = 7010
+
+
+def pattern(p: int, b: int) -> bytes:
+    return f"pass {p} block {b}".ljust(BLOCK - 1).encode() + b"\n"
+
+
+class Writer(threading.Thread):
+    """Rewrites the window until stopped; keeps every write's (start, end) and the errors."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(daemon=True)
+        self.fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+        self.buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants
+        self.stop = threading.Event()
+        self.times: list[tuple[float, float]] = []
+        self.last = [-1] * WINDOW
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        p = 0
+        while not self.stop.is_set():
+            for b in range(WINDOW):
+                if self.stop.is_set():
+                    break
+                self.buf[:] = pattern(p, b)
+                start = time.monotonic()
+                try:
+                    os.pwrite(self.fd, self.buf, b * BLOCK)
+                except OSError as exc:
+                    self.errors.append(f"pass {p} block {b}: {exc}")
+                    continue
+                self.times.append((start, time.monotonic()))
+                self.last[b] = p
+            p += 1
+
+    def verify(self) -> list[int]:
+        """Blocks that do not hold their last write."""
+        bad = []
+        for b in range(WINDOW):
+            os.preadv(self.fd, [self.buf], b * BLOCK)
+            if self.last[b] >= 0 and self.buf[:] != pattern(self.last[b], b):
+                bad.append(b)
+        os.close(self.fd)
+        return bad
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def wait_ready(out: Path, timeout: float = 600) -> tuple[int, str]:
+    """The pid and `ready` line of a process switch.sh started with its stdout to OUT/NAME.out;
+    the pid is found by its command line (the guest's /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = out.read_text().splitlines() if out.exists() else []
+        if lines and lines[0].startswith("ready "):
+            return _pid(CONTROL[out.stem]), lines[0]
+        time.sleep(0.2)
+    raise RuntimeError(f"{out}: never ready")
+
+
+def _pid(marker: str) -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmdline and b"shadowblk.cli" in cmdline:
+                return int(proc.name)
+    raise RuntimeError(f"no process with {marker}")
+
+
+def run_writer(device: str, control: str, shadow: str) -> dict:
+    """The writer on DEVICE for 3 s, a repoint to SHADOW, 2 s more, a pause and a resume
+    (a switchover that did not happen), 1 s more; what it saw."""
+    writer = Writer(device)
+    writer.start()
+    time.sleep(3)
+    t0 = time.monotonic()
+    answer = post(f"http://{control}/repoint", {"uri": shadow, "generation": 1})
+    t1 = time.monotonic()
+    time.sleep(2)
+    paused = post(f"http://{control}/pause", {"limit_s": 30})
+    time.sleep(0.3)
+    resumed = post(f"http://{control}/resume", {})
+    time.sleep(1)
+    writer.stop.set()
+    writer.join()
+    latencies = sorted((e - s) * 1000 for s, e in writer.times)
+    around = [(e - s) * 1000 for s, e in writer.times if e >= t0 and s <= t1]
+    return {
+        "writes": len(writer.times),
+        "writes_before_swap": sum(e < t0 for _, e in writer.times),
+        "writes_after_swap": sum(s > t1 for s, _ in writer.times),
+        "errors": writer.errors,
+        "bad_blocks": writer.verify(),
+        "repoint": answer,
+        "pause": paused,
+        "resume": resumed,
+        "repoint_call_ms": round((t1 - t0) * 1000, 1),
+        "max_write_ms_around_swap": round(max(around, default=0.0), 1),
+        "median_write_ms": round(latencies[len(latencies) // 2], 2) if latencies else None,
+        "max_write_ms_elsewhere": round(
+            max(((e - s) * 1000 for s, e in writer.times if e < t0 or s > t1), default=0.0), 1
+        ),
+    }
+
+
+def main(out: Path, shadow: str) -> None:
+    result = {}
+    pid, result["dm_ready"] = wait_ready(out / "dm.out")
+    result["dm"] = run_writer("/dev/mapper/sbk-vol", CONTROL["dm"], shadow)
+    os.kill(pid, signal.SIGTERM)  # switch.sh waits for its clean exit
+    pid, result["router_ready"] = wait_ready(out / "router.out")
+    nbd = KernelNBD("127.0.0.1", ROUTER_PORT, "vol")
+    try:
+        result["router"] = run_writer(str(nbd.device), CONTROL["router"], shadow)
+    finally:
+        nbd.close()
+    os.kill(pid, signal.SIGTERM)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
