@@ -6,12 +6,13 @@
 #   make lint      ruff
 #   make kernel-lab          only the tests that boot a Debian kernel under QEMU
 #   make prediction-report   retrain on shared/data and regenerate docs/prediction.md
+#   make smart-model         train the manager's SMART model (build/smart-model.json, --model)
 
 VENV   := $(CURDIR)/.venv
 PY     := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: install deps system-deps python-deps build test bench demo lint clean kernel-lab prediction-report
+.PHONY: install deps system-deps python-deps build test bench demo lint clean kernel-lab prediction-report smart-model
 
 install: deps
 	ln -sf $(VENV)/bin/shadowblk /usr/local/bin/shadowblk
@@ -45,6 +46,9 @@ kernel-lab: deps
 
 prediction-report: deps
 	$(PY) -m shadowblk.cli predict report --data ../shared/data/hds.csv.gz --out docs/prediction.md
+
+smart-model: deps
+	$(PY) -m shadowblk.cli predict train --data ../shared/data/hds.csv.gz --out build/smart-model.json
 
 lint: python-deps
 	$(PY) -m ruff check shadowblk tests tools setup.py

@@ -32,6 +32,15 @@ def fleet_families(
     docs = [([s.name], {**s.health, "failure": {"probability": s.failure_probability}})
             for s in view.servers]  # fmt: skip
     yield from server_families(docs, ["server"])
+    confidence = GaugeMetricFamily(
+        "shadowblk_server_failure_confidence",
+        "How much of the predictor's evidence was there and fresh, 0..1 (docs/prediction.md).",
+        labels=["server"],
+    )
+    for s in view.servers:
+        c = (s.health.get("failure") or {}).get("confidence")
+        if isinstance(c, int | float):
+            confidence.add_metric([s.name], c)
     up = GaugeMetricFamily(
         "shadowblk_server_up", "1 while the server heartbeats.", labels=["server"]
     )
@@ -74,7 +83,7 @@ def fleet_families(
         deliveries.add_metric([result], count)
     lead = GaugeMetricFamily("shadowblk_manager_leading", "1 if this manager leads.")
     lead.add_metric([], 1.0 if leading else 0.0)
-    yield from (up, generation, switchovers, pause, firing, deliveries, lead)
+    yield from (confidence, up, generation, switchovers, pause, firing, deliveries, lead)
 
 
 class FleetCollector(Collector):

@@ -17,6 +17,7 @@ import numpy as np
 from shadowblk.predict.drives import DriveTable
 from shadowblk.predict.evaluation import FPRS, evaluate, unseen_drives
 from shadowblk.predict.model import Model
+from shadowblk.predict.online_doc import ONLINE
 from shadowblk.predict.training import train
 
 OUT_OF_TIME_CUTOFF = "2016-01-01"
@@ -189,23 +190,7 @@ def render(result: dict[str, Any], command: str) -> str:
         "",
         *_calibration(oot),
         "",
-        "## Online parts (library; wired to the agent and manager later)",
-        "",
-        "- `shadowblk.predict.replay`: a drive's daily SMART series (Backblaze daily CSV) as",
-        "  observations, and `DriveScorer`, which scores the drive after each day exactly as",
-        "  `predict score` scores the whole file.",
-        "- `shadowblk.predict.latency`: a latency spike detector per server, judging each sample",
-        "  against the latency the same server showed at the same or higher load (robust z from",
-        "  median/MAD); a load change alone is not a spike.",
-        "- `shadowblk.predict.combine`: the server's P(failure within 30 days) = P(any disk fails)",
-        "  from the SMART model, shifted in log-odds by configured likelihood ratios for latency",
-        "  spikes, I/O errors and checksum discrepancies (no labelled history exists for these",
-        "  yet, so the ratios are settings, not learned); a confidence from which signals were",
-        "  present and fresh; the evidence, strongest first.",
-        "- `shadowblk.predict.trigger`: a planned switchover once the risk stays at or above the",
-        "  threshold with enough confidence for the configured time (a gap in readings restarts",
-        "  the count); fires once, re-arms below a lower level; dry-run reports instead.",
-        "",
+        ONLINE,
         "## Cost",
         "",
         f"- Training (drive-held-out split): {result['train_seconds']:.0f} s; evaluation "

@@ -5,14 +5,11 @@ import resource
 import subprocess
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from shadowblk.predict.sampling import held_out
+from tests.predict_lab import DATA, train, write_sample
 from tests.procs import SHADOWBLK
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hds.csv.gz"
-SAMPLE_SHARE = 0.15  # of the drives, chosen by a seeded hash of the serial
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared data not beside the repository")
 
 
@@ -30,20 +27,14 @@ def cpu_seconds_of_children() -> float:
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every row of a seeded 15% of the drives (about 13,000 drives, 800 failed)."""
-    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
-    keep = held_out(frame["serial_number"].to_numpy(), SAMPLE_SHARE, "sample-7")
-    path = tmp_path_factory.mktemp("predict") / "sample.csv.gz"
-    frame[keep].to_csv(path, index=False)
-    return path
+    return write_sample(tmp_path_factory.mktemp("predict") / "sample.csv.gz")
 
 
 @pytest.fixture(scope="module")
 def trained(sample: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
     model = tmp_path_factory.mktemp("model") / "smart-model.json"
     started = cpu_seconds_of_children()
-    out = run(
-        "predict", "train", "--data", str(sample), "--out", str(model), "--seed", "3", "--json"
-    )
+    out = train(sample, model, "--json")
     assert out.returncode == 0, out.stderr
     evaluated = run("predict", "evaluate", "--model", str(model), "--data", str(sample), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -65,7 +56,7 @@ def test_train_and_evaluate_on_a_sample_is_fast_and_meets_the_floor(trained) -> 
 def test_training_is_reproducible(trained, sample: Path, tmp_path: Path) -> None:
     model, _, _ = trained
     again = tmp_path / "again.json"
-    out = run("predict", "train", "--data", str(sample), "--out", str(again), "--seed", "3")
+    out = train(sample, again)
     assert out.returncode == 0, out.stderr
     assert again.read_bytes() == model.read_bytes()
 

@@ -68,6 +68,10 @@ def document(view: FleetView, alerts: list[Notification], leading: bool) -> dict
                 "down": s.state is ServerState.DOWN,
                 "failure_probability": s.failure_probability,
                 "failure_reasons": (s.health.get("failure") or {}).get("reasons", []),
+                "failure_level": (s.health.get("failure") or {}).get("level"),
+                "failure_trigger": ((s.health.get("failure") or {}).get("trigger") or {}).get(
+                    "state"
+                ),
                 "latency_ms": s.health.get("latency_ms", {}),
                 "io_errors": s.health.get("io_errors", 0),
                 "checksum_discrepancies": s.health.get("checksum_discrepancies", 0),

@@ -18,7 +18,8 @@ from shadowblk.manager.store.model import Event, Server, ServerState, Volume
 TIMELINE_LENGTH = 200
 # switchover pause bucket bounds in seconds: the goal is milliseconds; seconds is a failure
 PAUSE_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
-SWITCHOVER_KINDS = ("switchover", "switchover-result")
+# with the predictor's decisions to move a server's primaries (manager/risk.py)
+SWITCHOVER_KINDS = ("switchover", "switchover-result", "failure-preempt")
 
 
 @dataclass

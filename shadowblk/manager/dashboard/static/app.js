@@ -65,14 +65,25 @@ function renderServers(servers) {
     return el("tr", {"data-server": s.name},
       el("td", {}, s.name), el("td", {class: s.state}, s.state), el("td", {}, `${s.zone} / ${s.rack}`),
       el("td", {"data-fp": s.name}, s.failure_probability.toFixed(2)),
-      el("td", {}, s.failure_reasons.join("; ") || "–"), el("td", {}, lat),
+      el("td", {}, risk(s) + (s.failure_reasons.join("; ") || "–")), el("td", {}, lat),
       el("td", {}, s.io_errors), el("td", {}, s.checksum_discrepancies),
       el("td", {}, `${s.heartbeat_age_s} s ago`), el("td", {}, action("drain…")));
   }));
 }
 
+// the predictor's confidence and where its trigger stands, beside the probability
+function risk(s) {
+  const parts = [s.failure_level, s.failure_trigger && s.failure_trigger !== "armed" ? s.failure_trigger : null];
+  const shown = parts.filter(Boolean);
+  return shown.length ? `[${shown.join(", ")}] ` : "";
+}
+
 function describe(e) {
   const d = e.detail;
+  if (e.kind === "failure-preempt") {
+    const what = d.dry_run ? "dry run: would move" : "moving";
+    return `${e.volume}: predicted failure, probability ${d.probability.toFixed(2)}; ${what} ${d.primaries.join(", ") || "no primary"}`;
+  }
   if (e.kind === "switchover") return `${e.volume}: primary ${d.from} → ${d.to}, generation ${d.generation}`;
   const pause = d.pause_seconds === undefined ? "" : `, I/O paused ${(d.pause_seconds * 1000).toFixed(1)} ms`;
   return `${e.volume}: switchover ${d.from ?? "?"} → ${d.to ?? "?"} ${d.outcome}${pause}${d.reason ? " (" + d.reason + ")" : ""}`;
@@ -97,7 +108,8 @@ function renderTimeline(events, now) {
   strip.appendChild(svgEl("text", {x: w - 2, y: 38, "text-anchor": "end", class: "legend"}, "now"));
   for (const e of events.filter(e => e.at >= t0)) {
     const x = (e.at - t0) / span * (w - 8) + 4;
-    const colour = e.detail.outcome === "failed" ? "#cf222e" : e.kind === "switchover" ? "#0969da" : "#1a7f37";
+    const colour = e.detail.outcome === "failed" || e.kind === "failure-preempt" ? "#cf222e"
+      : e.kind === "switchover" ? "#0969da" : "#1a7f37";
     const mark = svgEl("circle", {cx: x, cy: 20, r: 5, fill: colour});
     mark.appendChild(svgEl("title", {}, describe(e)));
     strip.appendChild(mark);
