@@ -2,9 +2,9 @@
 the good side, record what was found. Exit code for cron: 0 clean, 1 found and repaired,
 2 found and not (all) repaired, or the scrub could not finish.
 
-Today it works on files (`--image/--map`, optionally a peer copy); the `--state-dir`, VOLUME
-and `--all` forms of live servers build the same `Side`s from a server's state and reuse
-`run_scrub`.
+Two forms: files at rest (`--image/--map`, optionally a peer copy), scrubbed here; and a
+volume a running `serve` holds (`--state-dir DIR`), scrubbed by that server through its
+DIR/scrub.sock (shadowblk.nbd.scrub_control), which streams progress and the report back.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
 from shadowblk.cli.output import emit, json_option
-from shadowblk.integrity.checksum_map import ChecksumMap
+from shadowblk.integrity.checksum_map import ChecksumMap, MapBusyError
 from shadowblk.integrity.discrepancies import FILENAME, DiscrepancyLog
 from shadowblk.integrity.scrub import ScanOptions, ScrubReport, Side, scrub_one, scrub_pair
+from shadowblk.nbd import scrub_control
 
 MB = 1_000_000
 UNFINISHED = 2  # like "found, not repaired": the volume is not known to be clean
@@ -90,9 +90,45 @@ def _scrub_files(
         return report, [s.map.rebuilt_reason for s in sides if s.map.rebuilt_reason]
 
 
+def _scrub_live(
+    state_dir: Path,
+    shadow: str | None,
+    repair: bool,
+    rate: float | None,
+    server: str | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Have the server holding STATE_DIR scrub its volume; the report it sends back."""
+    request = {"op": "scrub", "repair": repair, "rate": rate * MB if rate else None}
+    request |= {"shadow": shadow, "server": server}
+    with ExitStack() as stack:
+        bar, opened, shown = None, False, 0
+        for answer in scrub_control.ask(state_dir, request):
+            if "report" in answer:
+                return answer["report"]
+            if "error" in answer:
+                raise ValueError(answer["error"])
+            if not opened:  # the first progress line says how much there is to scan
+                bar, opened = stack.enter_context(_progressbar(answer["total"], quiet)), True
+            if bar is not None:
+                bar.update(answer["done"] - shown)
+            shown = answer["done"]
+    raise ValueError("the server closed the connection before its report")
+
+
 @click.command("scrub")
-@click.option("--image", required=True, type=existing_file, help="The volume's data file.")
-@click.option("--map", "map_path", required=True, type=map_file, help="Its checksum map.")
+@click.option("--image", type=existing_file, help="The volume's data file (at rest).")
+@click.option("--map", "map_path", type=map_file, help="Its checksum map.")
+@click.option(
+    "--state-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The state folder of a running `serve`: that server scrubs its volume.",
+)
+@click.option(
+    "--shadow-verify",
+    metavar="HOST:PORT",
+    help="With --state-dir: a shadow's verify port, scrubbed too and used for read-repair.",
+)
 @click.option("--peer-image", type=existing_file, help="A shadow copy of the same volume.")
 @click.option("--peer-map", type=map_file, help="The shadow copy's checksum map.")
 @click.option("--repair", is_flag=True, help="Rewrite bad blocks from the side holding the truth.")
@@ -111,8 +147,10 @@ def _scrub_files(
 @click.option("--server", help="Server name in the records [default: this host's name].")
 @json_option
 def command(
-    image: Path,
-    map_path: Path,
+    image: Path | None,
+    map_path: Path | None,
+    state_dir: Path | None,
+    shadow_verify: str | None,
     peer_image: Path | None,
     peer_map: Path | None,
     repair: bool,
@@ -123,11 +161,31 @@ def command(
     server: str | None,
     as_json: bool,
 ) -> None:
-    """Check every block of --image against --map (and of a peer copy against its map).
+    """Check every block of --image against --map (and of a peer copy against its map), or of
+    the volume a running server holds (--state-dir, and its shadow with --shadow-verify).
 
     A missing, truncated or corrupt map is rebuilt from the data with a warning, never trusted.
     With a peer, each bad block is repaired (--repair) from the side that holds the truth.
     """
+    if state_dir is not None:
+        if image or map_path or peer_image or peer_map or block_size or direct or record:
+            raise click.UsageError("--state-dir goes without the file options")
+        try:
+            data = _scrub_live(state_dir, shadow_verify, repair, rate, server, as_json)
+        except OSError as exc:
+            click.echo(
+                f"error: no server answers on {state_dir / scrub_control.SOCKET_FILE} ({exc}): "
+                "is the volume served with --checksums? At rest, use --image and --map",
+                err=True,
+            )
+            sys.exit(UNFINISHED)
+        except ValueError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(UNFINISHED)
+        emit(data, as_json, _render)
+        sys.exit(data["exit_code"])
+    if image is None or map_path is None or shadow_verify is not None:
+        raise click.UsageError("give --image and --map (files at rest) or --state-dir (served)")
     if (peer_image is None) != (peer_map is None):
         raise click.UsageError("--peer-image and --peer-map go together")
     pairs = [("primary", image, map_path)]
@@ -139,18 +197,8 @@ def command(
             pairs, block_size, repair, rate, direct, log, server, as_json
         )
     except (OSError, ValueError) as exc:  # busy or unreadable files, copies of different volumes
-        click.echo(f"error: scrub did not finish: {exc}", err=True)
+        served = " (served: scrub it with --state-dir)" if isinstance(exc, MapBusyError) else ""
+        click.echo(f"error: scrub did not finish: {exc}{served}", err=True)
         sys.exit(UNFINISHED)
-    data = {
-        "volume": report.volume,
-        "bytes_scanned": report.bytes_scanned,
-        "seconds": round(report.seconds, 3),
-        "rebuilt_maps": rebuilt,
-        "discrepancies": [{**asdict(d), "block": d.block} for d in report.discrepancies],
-        "repaired": report.repaired,
-        "unrepaired": report.unrepaired,
-        "record": str(log.path),
-        "exit_code": report.exit_code,
-    }
-    emit(data, as_json, _render)
+    emit(report.as_dict(log.path, rebuilt), as_json, _render)
     sys.exit(report.exit_code)

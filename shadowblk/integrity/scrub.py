@@ -14,9 +14,10 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import crc32c
 import numpy as np
@@ -74,6 +75,20 @@ class ScrubReport:
         if not self.discrepancies:
             return 0
         return 1 if not self.unrepaired else 2
+
+    def as_dict(self, record: Path, rebuilt: list[str] | None = None) -> dict[str, Any]:
+        """The report as `shadowblk scrub --json` prints it."""
+        return {
+            "volume": self.volume,
+            "bytes_scanned": self.bytes_scanned,
+            "seconds": round(self.seconds, 3),
+            "rebuilt_maps": rebuilt or [],
+            "discrepancies": [{**asdict(d), "block": d.block} for d in self.discrepancies],
+            "repaired": self.repaired,
+            "unrepaired": self.unrepaired,
+            "record": str(record),
+            "exit_code": self.exit_code,
+        }
 
 
 def scan(side: Side, options: ScanOptions) -> dict[int, int]:

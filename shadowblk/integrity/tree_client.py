@@ -15,8 +15,14 @@ from shadowblk.integrity.tree_wire import (
     MAX_REPLY,
     OPEN,
     OPEN_REPLY,
+    READ,
+    READ_REQUEST,
     REFUSAL,
     REQUEST,
+    SCAN,
+    SCAN_ENTRY,
+    SCAN_REPLY,
+    SCAN_REQUEST,
     STATUS_REFUSED,
     Channel,
     WireError,
@@ -88,6 +94,44 @@ class TreeClient:
             raise WireError(f"{self.address}: malformed OPEN reply ({len(reply)} bytes)")
         epoch, clean = OPEN_REPLY.unpack_from(reply, 1)
         return epoch, bool(clean)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Whole blocks of the opened volume, which the shadow checked against its map."""
+        reply = self._expect(READ, self.send(bytes([READ]) + READ_REQUEST.pack(offset, length)))
+        if len(reply) != length:
+            raise WireError(f"{self.address}: READ answered {len(reply)} bytes, not {length}")
+        return reply
+
+    def scan(
+        self, rate: int = 0, timeout: float | None = None
+    ) -> tuple[list[tuple[int, ...]], bool]:
+        """Have the shadow check the opened volume's image against its map (RATE bytes/s, 0
+        unlimited; it reads the whole image, hence its own TIMEOUT, None: none): [(block, data
+        crc, map crc)] of its rotted blocks, and whether that list is complete."""
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            reply = self._expect(SCAN, self.send(bytes([SCAN]) + SCAN_REQUEST.pack(rate)))
+        finally:
+            self.sock.settimeout(previous)
+        if len(reply) < SCAN_REPLY.size:
+            raise WireError(f"{self.address}: malformed SCAN reply ({len(reply)} bytes)")
+        complete, count = SCAN_REPLY.unpack_from(reply)
+        if len(reply) != SCAN_REPLY.size + count * SCAN_ENTRY.size:
+            raise WireError(f"{self.address}: SCAN reply of {len(reply)} bytes for {count} blocks")
+        entries = [
+            SCAN_ENTRY.unpack_from(reply, SCAN_REPLY.size + i * SCAN_ENTRY.size)
+            for i in range(count)
+        ]
+        return entries, bool(complete)
+
+    def _expect(self, code: int, reply: bytes) -> bytes:
+        """The body of a reply of kind CODE; an error reply raises with the shadow's reason."""
+        if reply[:1] == bytes([ERROR]):
+            raise WireError(f"{self.address}: {reply[1:].decode(errors='replace')}")
+        if reply[:1] != bytes([code]):
+            raise WireError(f"{self.address}: unexpected reply {reply[:1].hex()} to {code:02x}")
+        return reply[1:]
 
     def _write(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -5,8 +5,10 @@ A separate listener from the delta streams (`shadowblk shadow --verify-listen`),
 event loop and with the same authentication. It only reads: OPEN takes a snapshot of the
 volume's checksum map (DIR/<volume>.map, kept by the applier) and builds its hash tree in a
 worker thread, so delta streams on the loop keep flowing; HELLO and CHILDREN are answered from
-that snapshot until the next OPEN. A bad peer gets a clear refusal or error and is cut off;
-nothing it sends can touch a volume.
+that snapshot until the next OPEN. For a primary's live scrub it also answers READ (blocks for
+read-repair, each checked against the map first) and SCAN (the image checked against its map:
+the blocks that rotted here), in a worker thread too. A bad peer gets a clear refusal or error
+and is cut off; nothing it sends can touch a volume.
 """
 
 from __future__ import annotations
@@ -22,15 +24,23 @@ from shadowblk.delta.frames import NONCE_SIZE
 from shadowblk.delta.volume_state import VOLUME_ID
 from shadowblk.integrity.checksum_map import LiveMap, MapInvalidError
 from shadowblk.integrity.hash_tree import HashTree
+from shadowblk.integrity.shadow_blocks import BlockError, ShadowBlocks
 from shadowblk.integrity.tree_compare import ERROR, TreeResponder
 from shadowblk.integrity.tree_wire import (
     FLAG_TAGGED,
     GREETING,
     HEADER,
     MAX_REQUEST,
+    MAX_SCAN_ENTRIES,
     OPEN,
     OPEN_REPLY,
+    READ,
+    READ_REQUEST,
     REPLY,
+    SCAN,
+    SCAN_ENTRY,
+    SCAN_REPLY,
+    SCAN_REQUEST,
     Channel,
     WireError,
     pack_greeting,
@@ -48,10 +58,17 @@ MAX_CONNECTIONS = 16
 class TreeService:
     """Answers verify connections for the volumes of DATA_DIR."""
 
-    def __init__(self, data_dir: Path, key: bytes | None, tls: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        key: bytes | None,
+        tls: ssl.SSLContext | None,
+        devices: dict[str, Path] | None = None,
+    ) -> None:
         if key is None and tls is None:
             raise ValueError("the verify port needs the shared key or TLS, like the delta port")
         self.data_dir = data_dir
+        self.devices = devices or {}  # volume id -> the operator's device for its image
         self.key = key
         self.tls = tls
         self.connections = 0
@@ -91,6 +108,7 @@ class TreeService:
         writer.write(pack_greeting(nonce, self.key is not None))
         channel = Channel(self.key, hello.nonce, nonce, sends=REPLY)
         responder: TreeResponder | None = None
+        blocks: ShadowBlocks | None = None
         while True:
             try:
                 header = await asyncio.wait_for(reader.readexactly(HEADER.size), IDLE_TIMEOUT)
@@ -108,10 +126,12 @@ class TreeService:
                 await writer.drain()
                 return
             if request[:1] == bytes([OPEN]):
-                reply, snapshot = await asyncio.to_thread(self._open, request[1:])
-                responder = snapshot or responder
-            elif responder is None:
+                reply, snapshot, opened = await asyncio.to_thread(self._open, request[1:])
+                responder, blocks = snapshot or responder, opened or blocks
+            elif responder is None or blocks is None:
                 reply = bytes([ERROR]) + b"OPEN a volume first"
+            elif request[:1] in (bytes([READ]), bytes([SCAN])):
+                reply = await asyncio.to_thread(_blocks_request, blocks, request)
             else:
                 reply = await asyncio.to_thread(responder.handle, request)
             writer.write(channel.pack(reply))
@@ -123,17 +143,38 @@ class TreeService:
         if self.key is None and flags & FLAG_TAGGED:
             raise WireError("this shadow has no shared key: connect with TLS only")
 
-    def _open(self, raw_id: bytes) -> tuple[bytes, TreeResponder | None]:
-        """Snapshot a volume's map: (OPEN reply or error reply, its responder)."""
+    def _open(self, raw_id: bytes) -> tuple[bytes, TreeResponder | None, ShadowBlocks | None]:
+        """Snapshot a volume's map: (OPEN reply or error reply, its responder, its blocks)."""
         volume = raw_id.decode(errors="replace")
         if not VOLUME_ID.match(volume):
-            return bytes([ERROR]) + f"bad volume id {volume!r}".encode(), None
+            return bytes([ERROR]) + f"bad volume id {volume!r}".encode(), None, None
         try:
             live = LiveMap(self.data_dir / f"{volume}.map")
         except MapInvalidError as exc:
-            return bytes([ERROR]) + f"no usable checksum map for {volume}: {exc}".encode(), None
+            reply = bytes([ERROR]) + f"no usable checksum map for {volume}: {exc}".encode()
+            return reply, None, None
         responder = TreeResponder(HashTree(live.crcs, live.block_size))
-        return bytes([OPEN]) + OPEN_REPLY.pack(live.epoch, live.clean), responder
+        image = self.devices.get(volume, self.data_dir / f"{volume}.img")
+        reply = bytes([OPEN]) + OPEN_REPLY.pack(live.epoch, live.clean)
+        return reply, responder, ShadowBlocks(image, live)
+
+
+def _blocks_request(blocks: ShadowBlocks, request: bytes) -> bytes:
+    """READ or SCAN of the opened volume: the reply, or an error reply saying why not."""
+    try:
+        if request[0] == READ:
+            if len(request) != 1 + READ_REQUEST.size:
+                raise BlockError(f"READ of {len(request)} bytes, expected {1 + READ_REQUEST.size}")
+            offset, length = READ_REQUEST.unpack_from(request, 1)
+            return bytes([READ]) + blocks.read(offset, length)
+        if len(request) != 1 + SCAN_REQUEST.size:
+            raise BlockError(f"SCAN of {len(request)} bytes, expected {1 + SCAN_REQUEST.size}")
+        (rate,) = SCAN_REQUEST.unpack_from(request, 1)
+        found, complete = blocks.scan(rate, MAX_SCAN_ENTRIES)
+    except (BlockError, OSError) as exc:
+        return bytes([ERROR]) + str(exc).encode()
+    entries = b"".join(SCAN_ENTRY.pack(*entry) for entry in found)
+    return bytes([SCAN]) + SCAN_REPLY.pack(complete, len(found)) + entries
 
 
 async def start(service: TreeService, host: str, port: int) -> asyncio.Server:

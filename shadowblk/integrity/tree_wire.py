@@ -35,6 +35,14 @@ MAX_REPLY = 2 << 20  # 4,096 leaves of 64 crcs is 1 MiB
 # requests and replies beyond tree_compare's HELLO (01), CHILDREN (02) and error (FF)
 OPEN = 0x10  # request: 10 volume-id (UTF-8); reply: 10 u64 map epoch, u8 map clean
 OPEN_REPLY = struct.Struct("<QB")
+READ = 0x11  # request: 11 u64 offset u32 length; reply: 11 the bytes (each block checked)
+READ_REQUEST = struct.Struct("<QI")
+MAX_READ = 1 << 20
+SCAN = 0x12  # request: 12 u64 rate (bytes/s, 0 unlimited); reply: 12 u8 complete u32 count,
+SCAN_REQUEST = struct.Struct("<Q")  # then per bad block: u64 block, u32 data crc, u32 map crc
+SCAN_REPLY = struct.Struct("<BI")
+SCAN_ENTRY = struct.Struct("<QII")
+MAX_SCAN_ENTRIES = 65536  # 1 MiB of entries
 
 
 class WireError(Exception):
