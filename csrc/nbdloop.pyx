@@ -12,14 +12,23 @@ the send lock. So one worker receives while others write, and small requests are
 A request the fast path does not handle (other commands, bad flags or ranges, bad magic) makes
 run() return SLOW with the receive lock still held: the Python handler
 (shadowblk.nbd.transmission) reads it with take(), answers through Connection.send(), and calls
-run() again. Write observers (replication) never reach this loop: they need every payload, so
-a tracker with observers makes the server run each connection in the Python loop.
+run() again.
+
+Write observers (replication, checksum maps), when the tracker has some as the connection
+starts, get the batch's payloads in the same GIL acquisition that tracks them
+(tracker.observe_writes). `tracker.ordering` is taken before the next worker may read (so one
+connection's write batches keep their arrival order) and held until the batch's last pwrite (so
+observers see writes in the order the volume gets them). A FLUSH or a FUA write ends its batch;
+after its fdatasync the ordering lock is let go and tracker.after_flush() runs before its reply
+is built (a `sync` replicator holds the reply there until the shadows have the data).
 """
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
-from libc.errno cimport errno, EINTR, EAGAIN, EPERM, EROFS, ENOSPC, EDQUOT, EFBIG, EINVAL, ENOMEM
+from libc.errno cimport (
+    errno, EINTR, EAGAIN, EPERM, EROFS, ENOSPC, EDQUOT, EFBIG, EINVAL, ENOMEM, ESHUTDOWN,
+)
 from posix.types cimport off_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -83,6 +92,7 @@ cdef enum:
     POLL_MS = 200
     GREEDY_RECV = 262144  # most bytes read ahead of a request whose size is not known yet
     SEND_EARLY = 1048576
+    BATCH_READ = 262144  # a batch stops once its READs ask this much: the next worker takes the rest
     NBD_EIO = 5
     REGION_COLD = 0  # shadowblk.tracking.tracker: COLD, CARRIED, WRITTEN
     REGION_WRITTEN = 2
@@ -126,6 +136,15 @@ cdef inline uint32_t nbd_errno(int err) noexcept nogil:
         return 22
     if err == ENOMEM:
         return 12
+    if err == ESHUTDOWN:  # a fenced primary (shadowblk.nbd.fence)
+        return 108
+    return NBD_EIO
+
+
+cdef uint32_t refusal_errno(exc):
+    """The NBD error for an exception of the tracker or an observer (an OSError keeps its errno)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return nbd_errno(exc.errno)
     return NBD_EIO
 
 
@@ -169,6 +188,9 @@ cdef class Connection:
     cdef object tracker
     cdef object t_acquire
     cdef object t_release
+    cdef bint observed
+    cdef object t_order
+    cdef object t_unorder
     cdef Bitmap t_bitmap
     cdef bytearray t_hot
     cdef int t_shift
@@ -199,6 +221,9 @@ cdef class Connection:
             self.t_bitmap = tracker.bitmap
             self.t_hot = tracker.hot
             self.t_shift = tracker.region_shift
+            self.observed = bool(tracker.observers)
+            self.t_order = tracker.ordering.acquire
+            self.t_unorder = tracker.ordering.release
         self.stop_flag = stop_flag
         self.stopping = &stop_flag.value
         pthread_mutex_init(&self.recv_lock, NULL)
@@ -275,6 +300,8 @@ cdef class Worker:
     cdef size_t outcap
     cdef size_t outlen
     cdef bint holding
+    cdef bint ordered  # holding tracker.ordering
+    cdef uint32_t refused  # the error of the batch's writes the tracker or an observer refused
     cdef Request batch[BATCH]
 
     def __cinit__(self, Connection conn not None):
@@ -352,9 +379,10 @@ cdef class Worker:
         cdef uint32_t magic
         cdef Request *r
         cdef int n = 0
+        cdef size_t reading = 0
         slow[0] = 0
         need[0] = 0
-        while n < BATCH:
+        while n < BATCH and reading < BATCH_READ:
             avail = self.inend - p
             if avail < HDR:
                 need[0] = HDR - avail
@@ -380,8 +408,12 @@ cdef class Worker:
                 r.data = p + HDR
                 p += HDR + r.length
             else:
+                if r.cmd == CMD_READ:
+                    reading += r.length
                 p += HDR
             n += 1
+            if self.conn.observed and (r.cmd == CMD_FLUSH or r.flags & FLAG_FUA):
+                break  # its on_flush must follow every write before it, and nothing after
         self.inpos = p
         return n
 
@@ -426,7 +458,7 @@ cdef class Worker:
                     return LOOP_CLOSED
 
     cdef int _run(self) noexcept nogil:
-        cdef int n, i, slow, rc, nwrites, tracked_ok
+        cdef int n, i, slow, rc, nwrites, allowed, w
         cdef size_t need
         while True:
             if not self.holding and self._acquire() != 0:
@@ -443,20 +475,28 @@ cdef class Worker:
                     return -1 if rc < 0 else rc
             if n == 0:
                 return LOOP_SLOW  # still holding: the request at the head is Python's
-            if not slow:
-                self._release()  # another worker reads on while this one executes
             nwrites = 0
             for i in range(n):
                 if self.batch[i].cmd == CMD_WRITE:
                     nwrites += 1
-            tracked_ok = 1
-            if nwrites and self.conn.tracker is not None:
-                tracked_ok = self._track(n)
+            allowed = nwrites
+            if nwrites and self.conn.observed:
+                # before the next reader: one connection's batches reach the observers in order
+                allowed = self._track(n, nwrites)
+            if not slow:
+                self._release()  # another worker reads on while this one executes
+            if nwrites and self.conn.tracker is not None and not self.conn.observed:
+                allowed = self._track(n, nwrites)
+            w = 0
             for i in range(n):
-                if self._execute(&self.batch[i], tracked_ok) < 0:
+                if self._execute(&self.batch[i], w < allowed) < 0:
+                    self._unorder()
                     if self.holding:
                         self._release()
                     return -1
+                if self.batch[i].cmd == CMD_WRITE:
+                    w += 1
+            self._unorder()
             self._flush_out()
             if self.conn.closing:
                 if self.holding:
@@ -507,7 +547,7 @@ cdef class Worker:
             self.outlen += 16
         return 0
 
-    cdef int _execute(self, Request *r, int tracked_ok) noexcept nogil:
+    cdef int _execute(self, Request *r, bint may_write) noexcept nogil:
         cdef size_t head, done
         cdef ssize_t got
         cdef char *q
@@ -542,8 +582,8 @@ cdef class Worker:
                 memcpy(q + 8, &r.cookie, 8)
             self.outlen += head + r.length
         elif r.cmd == CMD_WRITE:
-            if not tracked_ok:
-                error = NBD_EIO
+            if not may_write:
+                error = self.refused
             else:
                 done = 0
                 while done < r.length:
@@ -556,39 +596,86 @@ cdef class Worker:
                     else:
                         error = nbd_errno(errno) if got < 0 else NBD_EIO
                         break
-                if not error and (r.flags & FLAG_FUA) and fdatasync(self.conn.vol) != 0:
-                    error = nbd_errno(errno)
+                if not error and (r.flags & FLAG_FUA):
+                    if fdatasync(self.conn.vol) != 0:
+                        error = nbd_errno(errno)
+                    elif self.conn.observed:
+                        error = self._after_flush()  # a FUA is a flush to the observers too
             if self._reply(r, error) != 0:
                 return -1
         else:  # CMD_FLUSH
             if fdatasync(self.conn.vol) != 0:
                 error = nbd_errno(errno)
+            elif self.conn.observed:
+                error = self._after_flush()
             if self._reply(r, error) != 0:
                 return -1
         if self.outlen >= SEND_EARLY:
             self._flush_out()
         return 0
 
-    cdef int _track(self, int n) noexcept nogil:
-        """Mark the batch's writes before any is issued; 0 if tracking failed (the writes then
-        fail). Writes into regions already in the activity log are marked right here, under
-        the tracker's lock; otherwise the tracker logs the new regions durably first."""
-        cdef int ok = 1
+    cdef int _track(self, int n, int nwrites) noexcept nogil:
+        """Mark the batch's writes before any is issued, and show them to the observers;
+        returns how many of the batch's writes, from the first, may be issued (the rest fail
+        with EIO). Writes into regions already in the activity log are marked right here,
+        under the tracker's lock; otherwise the tracker logs the new regions durably first.
+        With observers, `tracker.ordering` is taken first (waiting without the GIL) and kept
+        until _unorder()."""
+        cdef int allowed = nwrites
+        cdef Request *r
+        self.refused = NBD_EIO
         with gil:
             try:
-                if self._mark_logged(n):
-                    return 1
-                offsets = []
-                lengths = []
-                for i in range(n):
-                    if self.batch[i].cmd == CMD_WRITE:
-                        offsets.append(self.batch[i].offset)
-                        lengths.append(self.batch[i].length)
-                self.conn.tracker.before_writes(offsets, lengths)
-            except BaseException:
+                if self.conn.observed:
+                    self.conn.t_order()
+                    self.ordered = 1
+                if not self._mark_logged(n):
+                    offsets = []
+                    lengths = []
+                    for i in range(n):
+                        if self.batch[i].cmd == CMD_WRITE:
+                            offsets.append(self.batch[i].offset)
+                            lengths.append(self.batch[i].length)
+                    self.conn.tracker.before_writes(offsets, lengths)
+                if self.conn.observed:
+                    writes = []
+                    for i in range(n):
+                        r = &self.batch[i]
+                        if r.cmd == CMD_WRITE:
+                            writes.append(
+                                (r.offset, PyBytes_FromStringAndSize(self.inbuf + r.data, r.length))
+                            )
+                    allowed, refusal = self.conn.tracker.observe_writes(writes)
+                    if refusal is not None:
+                        self.refused = refusal_errno(refusal)
+            except BaseException as exc:
                 log.exception("write tracking failed; refusing the writes")
-                ok = 0
-        return ok
+                self.refused = refusal_errno(exc)
+                allowed = 0
+        return allowed
+
+    cdef void _unorder(self) noexcept nogil:
+        """Let go of `tracker.ordering` once the batch's writes are on the volume."""
+        if self.ordered:
+            self.ordered = 0
+            with gil:
+                try:
+                    self.conn.t_unorder()
+                except BaseException:
+                    log.exception("releasing the ordering lock failed")
+
+    cdef uint32_t _after_flush(self) noexcept nogil:
+        """After a FLUSH's (or FUA's) fdatasync, before its reply: the observers' on_flush,
+        without the ordering lock (a `sync` replicator may wait there for the shadows)."""
+        cdef uint32_t error = 0
+        self._unorder()
+        with gil:
+            try:
+                self.conn.tracker.after_flush()
+            except BaseException as exc:
+                log.error("a write observer failed at a flush: %s", exc)
+                error = refusal_errno(exc)
+        return error
 
     cdef bint _mark_logged(self, int n) except -1:
         """With the GIL: mark the batch if every region it touches is logged already."""

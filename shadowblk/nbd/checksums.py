@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shadowblk.integrity.checksum_map import ChecksumMap
@@ -70,6 +70,17 @@ class ChecksumObserver:
             self.map.update_zero(offset, length, read=self._read)
             self._changed = True
 
+    def on_writes(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """A batch from the native loop, none of it on the volume yet: the rest of a partially
+        written block is read from the volume with the batch's earlier writes laid over it."""
+        with self._lock:
+            for i, (offset, data) in enumerate(writes):
+                earlier = writes[:i]
+                self.map.update(
+                    offset, data, read=lambda at, n, e=earlier: _overlaid(self._read(at, n), at, e)
+                )
+            self._changed = True
+
     def on_trim(self, offset: int, length: int) -> None:
         self.on_zero(offset, length)  # a trimmed range reads as zeroes on a file or a device
         # that zeroes discarded blocks; a device that does not is scrubbed, not trusted here
@@ -104,3 +115,14 @@ class ChecksumObserver:
             if self.epoch is not None:
                 self.map.set_epoch(self.epoch())
             self.map.close()
+
+
+def _overlaid(base: bytes, at: int, writes: Sequence[tuple[int, bytes]]) -> bytes:
+    """BASE, the volume's bytes at AT, as they will be once WRITES (in order) are issued."""
+    buf = bytearray(base)
+    end = at + len(buf)
+    for offset, data in writes:
+        lo, hi = max(at, offset), min(end, offset + len(data))
+        if lo < hi:
+            buf[lo - at : hi - at] = data[lo - offset : hi - offset]
+    return bytes(buf)

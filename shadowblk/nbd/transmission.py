@@ -2,7 +2,8 @@
 
 Two loops share one request handler. On a plain socket WORKERS threads run the Cython loop
 (`shadowblk._native.nbdloop`) on the same connection: it takes pipelined READ, WRITE and FLUSH
-requests in batches, does them without the GIL and batches the replies; anything else (other
+requests in batches, does them without the GIL and batches the replies (and hands each batch's
+writes to the tracker's observers, if any, in one GIL acquisition); anything else (other
 commands, bad requests) it hands back here, one request at a time. Over TLS the Python loop
 runs every request. Validation always happens before the volume or the tracker is touched.
 """
@@ -40,6 +41,7 @@ def nbd_errno(exc: OSError) -> int:
         errno.EFBIG: P.ENOSPC,
         errno.EINVAL: P.EINVAL,
         errno.ENOMEM: P.ENOMEM,
+        errno.ESHUTDOWN: P.ESHUTDOWN,  # a fenced primary (shadowblk.nbd.fence)
     }.get(exc.errno or 0, P.EIO)
 
 
@@ -146,7 +148,8 @@ class RequestHandler:
                 self.tracker.before_zero(offset, length, trim)
         except Exception as exc:
             log.error("write tracking failed, refusing the write: %s", exc)
-            self._error(cookie, P.EIO, f"write tracking failed: {exc}")
+            error = nbd_errno(exc) if isinstance(exc, OSError) else P.EIO
+            self._error(cookie, error, f"write tracking failed: {exc}")
             return False
         return True
 
@@ -421,8 +424,7 @@ def serve(
 ) -> None:
     """Serve requests until the client disconnects or the server stops."""
     handler = RequestHandler(session, tracker)
-    observed = tracker is not None and bool(tracker.observers)  # observers need the payloads
-    module = _native_module() if native and not session.wire.is_tls and not observed else None
+    module = _native_module() if native and not session.wire.is_tls else None
     try:
         if module is None or stopping.native is None:
             _serve_python(handler, stopping)

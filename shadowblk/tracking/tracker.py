@@ -40,10 +40,11 @@ class StateError(Exception):
 
 
 class WriteObserver(Protocol):
-    """What the shadows layer plugs into the server. Every call runs on the connection's thread
-    with the GIL, before the volume is touched (after FLUSH's fdatasync for on_flush), and may
-    block it: that is how back-pressure and the `sync` mode hold a reply back. Raising fails
-    the request with EIO and leaves the volume untouched."""
+    """What the shadows layer plugs into the server. Every call runs on a thread of the
+    connection with the GIL, before the volume is touched (after FLUSH's fdatasync for
+    on_flush), and may block it: that is how back-pressure and the `sync` mode hold a reply
+    back. Raising fails the request (an OSError's errno goes to the client, else EIO) and
+    leaves the volume untouched."""
 
     def on_write(self, offset: int, data: bytes) -> None:
         """A WRITE of DATA at OFFSET is about to be issued (the data is needed: an epoch holds
@@ -58,6 +59,16 @@ class WriteObserver(Protocol):
     def on_flush(self) -> None:
         """Every write acknowledged so far is durable on the volume; the FLUSH reply waits for
         this to return (the natural place to cut an epoch)."""
+
+
+class BatchWriteObserver(WriteObserver, Protocol):
+    """An observer that may also take a batch of WRITEs in one call (optional: without
+    `on_writes` the tracker calls `on_write` for each). A batch comes from the native loop
+    before any of its writes is issued, so an observer that reads the volume (to complete a
+    partial block) must lay the batch's earlier writes over what it reads."""
+
+    def on_writes(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """The WRITEs (offset, data), in the order they will be issued; raising fails them all."""
 
 
 def read_geometry(state_dir: Path) -> dict[str, int]:
@@ -125,10 +136,10 @@ class WriteTracker:
 
     `hot` (one byte per region), `region_shift`, `lock` and `bitmap` are also read by the
     Cython transmission loop, which marks writes into already-logged regions itself, under
-    `lock`, and calls before_writes() only when a region must be logged first. While observers
-    are attached, every request runs in the Python loop instead (they need the data), holding
-    `ordering` from the observer call through the volume change, so that observers see
-    overlapping writes of different connections in the order the volume does.
+    `lock`, and calls before_writes() only when a region must be logged first. Whichever loop
+    serves a write holds `ordering` from the observer call (on_write, or observe_writes() for a
+    native batch) through the volume change, so that observers see overlapping writes of
+    different connections in the order the volume does.
     """
 
     def __init__(
@@ -193,6 +204,29 @@ class WriteTracker:
         self.before_writes([offset], [len(data)])
         for observer in self.observers:
             observer.on_write(offset, data)
+
+    def observe_writes(self, writes: Sequence[tuple[int, bytes]]) -> tuple[int, Exception | None]:
+        """Show a batch of WRITEs, already tracked, to the observers (call with `ordering` held,
+        before any is issued): each observer in turn gets the writes the ones before it
+        accepted. Returns how many, from the first, every observer accepted, and the refusal
+        that stopped the rest (the native loop issues the accepted ones and fails the rest with
+        that error, as the Python loop fails a refused write)."""
+        accepted, refusal = len(writes), None
+        for observer in self.observers:
+            done = 0
+            try:
+                batch = getattr(observer, "on_writes", None)
+                if batch is not None:
+                    batch(writes[:accepted])
+                    done = accepted
+                else:
+                    for offset, data in writes[:accepted]:
+                        observer.on_write(offset, data)
+                        done += 1
+            except Exception as exc:
+                log.error("write tracking failed, refusing the write: %s", exc)
+                accepted, refusal = done, exc
+        return accepted, refusal
 
     def before_zero(self, offset: int, length: int, trim: bool) -> None:
         """Track a WRITE_ZEROES (or a TRIM) and show it to the observers."""

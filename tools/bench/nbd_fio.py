@@ -2,10 +2,17 @@
 and `qemu-nbd`, all on the same pre-filled file in the page cache, interleaved in one run.
 
     python -m tools.bench.nbd_fio [--runtime 10] [--rounds 1] [--size 1G] [--dir DIR]
+        [--servers shadowblk,nbdkit,...] [--workloads 0,3] [--requests N]
 
 Every server runs buffered through the page cache (nbdkit cache=default, qemu-nbd
 --cache=writeback --aio=threads), so the comparison is between the servers, not cache modes.
 Prints a markdown table of medians with ratios to nbdkit and tracking on/off.
+
+Each case also reads the server process's CPU time (user + system, all its threads, from
+/proc/PID/stat) before and after fio. With `--requests N` every case does N requests (N/64 for
+1 MiB ones, fewer if the file ends first) instead of running for a time, and a second table
+reports the server's CPU time per request: the figure a busy shared machine moves least (it does
+not count the time a server waits for a CPU), so the one that can show a cost of a few per cent.
 """
 
 from __future__ import annotations
@@ -90,9 +97,23 @@ class Result:
     mib_s: float
     p50_us: float
     p99_us: float
+    requests: int = 0  # completed, as fio counts them (after the ramp)
+    cpu_us: float = 0.0  # the server's CPU time per request (with --requests)
 
 
-def run_fio(port: int, rw: str, bs: str, depth: int, size: str, runtime: int, out: Path) -> Result:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process PID so far, all threads (also the ended ones)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_fio(
+    port: int, rw: str, bs: str, depth: int, size: str, runtime: int, out: Path, requests: int = 0
+) -> Result:
+    """One fio run: for RUNTIME seconds after a 1 s ramp, or exactly REQUESTS requests."""
+    limits = [f"--number_ios={requests}"] if requests else []
+    if not requests:
+        limits = [f"--runtime={runtime}", "--time_based", "--ramp_time=1"]
     argv = [
         "fio",
         "--name=bench",
@@ -102,15 +123,15 @@ def run_fio(port: int, rw: str, bs: str, depth: int, size: str, runtime: int, ou
         f"--bs={bs}",
         f"--iodepth={depth}",
         f"--size={size}",
-        f"--runtime={runtime}",
-        "--time_based",
-        "--ramp_time=1",
+        *limits,
         "--lat_percentiles=1",
         "--percentile_list=50:99",
         "--output-format=json",
         f"--output={out}",
     ]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        argv, cwd=out.parent, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     job = json.loads(out.read_text())["jobs"][0]
     if job["job options"].get("ioengine") != "nbd" or job["error"]:
         raise RuntimeError(f"fio did not run the nbd engine cleanly: {job['error']}")
@@ -121,6 +142,7 @@ def run_fio(port: int, rw: str, bs: str, depth: int, size: str, runtime: int, ou
         side["bw_bytes"] / 2**20,
         pct.get("50.000000", 0) / 1000,
         pct.get("99.000000", 0) / 1000,
+        side["total_ios"],
     )
 
 
@@ -141,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--workloads", default="all", help="comma-separated indexes, or all")
+    ap.add_argument("--requests", type=int, default=0, help="fixed requests per case (4 KiB)")
     args = ap.parse_args(argv or [])
     servers = args.servers.split(",")
     workloads = (
@@ -162,22 +185,57 @@ def main(argv: list[str] | None = None) -> None:
                     port = free_port()
                     proc = start_server(kind, image, port, state)
                     os.sync()  # no server inherits the previous one's dirty pages
+                    requests = args.requests // 64 if bs == "1M" else args.requests
                     try:
+                        cpu = cpu_seconds(proc.pid)
                         res = run_fio(
-                            port, rw, bs, depth, args.size, args.runtime, work / "fio.json"
+                            port,
+                            rw,
+                            bs,
+                            depth,
+                            args.size,
+                            args.runtime,
+                            work / "fio.json",
+                            requests,
                         )
+                        if requests:
+                            res.cpu_us = (cpu_seconds(proc.pid) - cpu) * 1e6 / max(res.requests, 1)
                     finally:
                         stop_server(proc)
                     results.setdefault((name, kind), []).append(res)
                     print(
                         f"# round {rnd} {name:18} {kind:18} {res.iops:9.0f} IOPS "
-                        f"{res.mib_s:8.1f} MiB/s p50 {res.p50_us:7.1f} us p99 {res.p99_us:7.1f} us",
+                        f"{res.mib_s:8.1f} MiB/s p50 {res.p50_us:7.1f} us p99 {res.p99_us:7.1f} us"
+                        f" cpu {res.cpu_us:6.1f} us/req",
                         file=sys.stderr,
                         flush=True,
                     )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results, servers, workloads)
+    if args.requests:
+        report_cpu(results, servers, workloads)
+
+
+def report_cpu(results, servers, workloads) -> None:
+    """Server CPU µs per request: medians, and tracking on / off per round (the spread)."""
+    print()
+    print("| workload, server CPU per request | " + " | ".join(servers) + " | on / off by round |")
+    print("|---" * (len(servers) + 2) + "|")
+    for name, *_ in workloads:
+        cells = [
+            f"{statistics.median(r.cpu_us for r in results[(name, k)]):.1f} µs" for k in servers
+        ]
+        ratios = ""
+        if {"shadowblk", "shadowblk-notrack"} <= set(servers):
+            pairs = zip(
+                results[(name, "shadowblk")], results[(name, "shadowblk-notrack")], strict=True
+            )
+            per = sorted(on.cpu_us / off.cpu_us for on, off in pairs)
+            ratios = (
+                f"median {statistics.median(per):.3f} (" + ", ".join(f"{x:.2f}" for x in per) + ")"
+            )
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratios} |")
 
 
 def report(results, servers, workloads) -> None:
@@ -191,14 +249,16 @@ def report(results, servers, workloads) -> None:
         unit = "MiB/s" if bs == "1M" else "IOPS"
         cells = [f"{med(name, k, attr):.0f} {unit}" for k in servers]
         ratio = (
-            med(name, "shadowblk", attr) / med(name, "nbdkit", attr) if "nbdkit" in servers else 0
+            f"{med(name, 'shadowblk', attr) / med(name, 'nbdkit', attr):.2f}×"
+            if {"shadowblk", "nbdkit"} <= set(servers)
+            else "–"
         )
         track = (
-            med(name, "shadowblk", attr) / med(name, "shadowblk-notrack", attr)
-            if "shadowblk-notrack" in servers
-            else 0
+            f"{med(name, 'shadowblk', attr) / med(name, 'shadowblk-notrack', attr):.2f}×"
+            if {"shadowblk", "shadowblk-notrack"} <= set(servers)
+            else "–"
         )
-        print(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f}× | {track:.2f}× |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {track} |")
         if name.endswith("qd1"):
             lat = [f"{med(name, k, 'p50_us'):.0f}/{med(name, k, 'p99_us'):.0f} µs" for k in servers]
             print(f"| {name} latency p50/p99 | " + " | ".join(lat) + " | | |")

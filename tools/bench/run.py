@@ -17,6 +17,7 @@ BENCHMARKS = [
     "tools.bench.fastpath",
     "tools.bench.scrub",
     "tools.bench.nbd_fio",
+    "tools.bench.shadow_cost",
     "tools.bench.replication",
     "tools.bench.switchover_pause",
     "tools.bench.resync",
