@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from shadowblk.delta.journal import committed_epoch
 from shadowblk.delta.replicator import Replicator
 from tests.procs import SHADOWBLK, Processes
 
@@ -58,6 +59,13 @@ def file_hash(path: Path) -> str:
 
 def shadow_state(data_dir: Path, volume: str) -> dict:
     return json.loads((data_dir / f"{volume}.state").read_text())
+
+
+def durable_epoch(data_dir: Path, volume: str) -> int:
+    """The epoch a restart of the shadow would come back at: its state file's, or a later one
+    committed in its journal (acknowledged from there before a checkpoint records it)."""
+    journal = committed_epoch(data_dir / f"{volume}.journal") or 0
+    return max(shadow_state(data_dir, volume)["last_applied"], journal)
 
 
 class Driver:

@@ -1,18 +1,24 @@
 """The shadow side of one volume: stage an epoch in the journal, make it durable, apply it.
 
-Commit order (each step durable before the next): COMMIT record + fsync of the journal; the
-records written to the image; fsync of the image; the state file replaced with the new
-`last_applied`; the journal removed. Recovery at start-up re-applies a committed journal whose
-epoch is newer than the state (idempotent: records are absolute writes) and drops any other.
+Commit of an epoch (the critical path of a `sync` flush): COMMIT record + one fdatasync of the
+journal (durable from here: recovery would apply it); the records written to the image (page
+cache, no sync); acknowledged. A *checkpoint*, off that path (when the journal passes
+CHECKPOINT_BYTES or CHECKPOINT_SECONDS, when the stream goes idle or ends), makes the image
+durable: fdatasync of the image, the checksum map flushed, the state file replaced with the
+new `last_applied`, the journal emptied. Recovery at start-up re-applies every committed record
+of a journal whose last COMMIT is newer than the state (idempotent: records are absolute
+writes, replayed in order) and drops any other, so a crash at any instruction leaves the image
+at the state's epoch or at the journal's last committed one, never in between.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from shadowblk.delta.frames import ErrorCode, FrameError, Hello
-from shadowblk.delta.journal import Journal, Kind, Record, committed_epoch, read_records
+from shadowblk.delta.journal import Journal, Kind, Record, last_commit, read_records
 from shadowblk.delta.volume_state import VolumeState
 from shadowblk.integrity.applied_map import AppliedMap
 from shadowblk.nbd.backend import Backend, VolumeError
@@ -20,23 +26,32 @@ from shadowblk.nbd.backend import Backend, VolumeError
 log = logging.getLogger(__name__)
 
 HOLD_BYTES = 128 << 20  # staged data kept in memory to apply from, instead of reading it back
+CHECKPOINT_BYTES = 256 << 20  # journal size from which a commit is followed by a checkpoint
+CHECKPOINT_SECONDS = 5.0  # and the longest a committed epoch waits in the journal for one
 
 
 class ShadowVolume:
     """One volume hosted by a shadow server: DIR/<id>.state, DIR/<id>.journal and the image,
-    DIR/<id>.img unless the operator named a device (or file) for it."""
+    DIR/<id>.img unless the operator named a device (or file) for it.
+
+    `applied` is the last epoch made durable (in the journal or, after a checkpoint, on the
+    image and in `state.last_applied`): what the shadow reports to a sender."""
 
     def __init__(self, data_dir: Path, state: VolumeState, device: Path | None = None) -> None:
         self.state = state
+        self.applied = state.last_applied
         self.state_path = data_dir / f"{state.volume_id}.state"
         self.image_path = device or data_dir / f"{state.volume_id}.img"
         self.own_image = device is None  # an operator's device is never created or removed
         self.journal = Journal(data_dir / f"{state.volume_id}.journal")
         self._staged_epoch = 0  # highest epoch of a frame staged since the last commit
-        self._direct: Backend | None = None  # the image, while its first epoch is written
-        self._sealed = False  # the journal holds a committed epoch not yet recorded as applied
+        self._image: Backend | None = None  # open while a stream feeds the volume
+        self._direct = False  # the first epoch of a volume: written to the image, no journal
+        self._sealed = False  # a commit's apply failed: the journal must be replayed first
         self._held: list[Record] | None = []  # the staged records, while they fit in HOLD_BYTES
         self._held_bytes = 0
+        self._epoch_start = 0  # journal offset of the records staged since the last commit
+        self._checkpointed = time.monotonic()
         self.checksums = AppliedMap(  # DIR/<id>.map: crc32c per block, for verify and scrub
             data_dir / f"{state.volume_id}.map",
             self.image_path,
@@ -72,13 +87,22 @@ class ShadowVolume:
         return volume
 
     def recover(self) -> None:
-        """Finish a committed epoch a crash interrupted; drop an incomplete one."""
-        epoch = committed_epoch(self.journal.path)
-        if epoch is not None and epoch > self.state.last_applied:
-            log.warning("%s: re-applying committed epoch %d", self.state.volume_id, epoch)
-            self._apply(epoch)
-        elif self.journal.path.exists():
+        """Finish the committed epochs a crash left in the journal; drop an incomplete one."""
+        found = last_commit(self.journal.path)
+        if found is not None and found[0] > self.state.last_applied:
+            epoch, stop = found
+            log.warning("%s: re-applying the journal up to epoch %d", self.state.volume_id, epoch)
+            backend = Backend.open(self.image_path, self.state.size, read_only=False)
+            try:
+                for record in read_records(self.journal.path, 0, stop):
+                    self._write(backend, record)
+                backend.flush()
+            finally:
+                backend.close()
+            self._record(epoch)
+        elif found is None and self.journal.path.exists():
             log.warning("%s: dropping an incomplete staged epoch", self.state.volume_id)
+        self.applied = self.state.last_applied
         self.journal.drop()
 
     def check(self, hello: Hello) -> None:
@@ -110,36 +134,48 @@ class ShadowVolume:
         """A new connection: whatever an earlier one staged without committing is void. A volume
         that never reached an epoch has no state to protect: its first epoch (the full sync)
         is written to the image directly, not twice through the journal."""
-        if self._sealed:  # a commit failed half-way (I/O error): finish it before anything else
+        if self._sealed:  # an apply failed half-way (I/O error): finish it before anything else
+            self._close_image()
+            self.journal.close()
             self.recover()
             self._sealed = False
         self.journal.begin()
         self._forget_held()
         self._staged_epoch = 0
-        if self.state.last_applied == 0 and self._direct is None:
-            self._direct = Backend.open(self.image_path, self.state.size, read_only=False)
+        self._epoch_start = self.journal.end
+        if self._image is None:
+            self._image = Backend.open(self.image_path, self.state.size, read_only=False)
+        self._direct = self.applied == 0
 
     def end_stream(self) -> None:
-        """Void what the stream staged, unless it is a sealed epoch that still has to be applied."""
-        if self._sealed:
+        """Void what the stream staged; checkpoint what it committed (blocking: run it in a
+        thread). A failed apply or checkpoint leaves the journal for recovery."""
+        try:
+            if not self._sealed:
+                self.journal.begin()  # back to the last COMMIT: the rest is void
+                self._staged_epoch = 0
+                self.checkpoint()
+                self.journal.drop()
+        except OSError as exc:
+            log.error("%s: checkpoint failed, journal kept: %s", self.state.volume_id, exc)
+            self._sealed = True
+        finally:
             self.journal.close()
-        else:
-            self.journal.drop()
-        self._forget_held()
-        self._staged_epoch = 0
-        self._close_direct()
+            self._forget_held()
+            self._staged_epoch = 0
+            self._close_image()
 
-    def _close_direct(self) -> None:
-        if self._direct is not None:
-            self._direct.close()
-            self._direct = None
+    def _close_image(self) -> None:
+        if self._image is not None:
+            self._image.close()
+            self._image = None
 
     def _check_epoch(self, epoch: int) -> None:
-        if epoch <= self.state.last_applied:
+        if epoch <= self.applied:
             raise FrameError(
                 ErrorCode.REPLAY,
                 f"epoch {epoch} of volume {self.state.volume_id} is already applied "
-                f"(last applied {self.state.last_applied})",
+                f"(last applied {self.applied})",
             )
         if epoch < self._staged_epoch:
             raise FrameError(
@@ -154,9 +190,10 @@ class ShadowVolume:
         also held in memory, if it fits, so the commit applies it without reading it back."""
         self._check_epoch(epoch)
         self._staged_epoch = epoch
-        if self._direct is not None:
-            _write(self._direct, kind, offset, length, data)
-            self.checksums.applied(kind, offset, length, data)
+        record = Record(kind, offset, length, epoch, data)
+        if self._direct:
+            assert self._image is not None
+            self._write(self._image, record)
             return
         self.journal.append(kind, offset, length, epoch, data)
         if self._held is not None:
@@ -164,7 +201,7 @@ class ShadowVolume:
             if self._held_bytes > HOLD_BYTES:
                 self._held = None
             else:
-                self._held.append(Record(kind, offset, length, epoch, data))
+                self._held.append(record)
 
     def staged_bytes(self) -> int:
         """Data staged since the last commit (while it is held in memory; else a large figure)."""
@@ -179,46 +216,75 @@ class ShadowVolume:
         self._staged_epoch = epoch
 
     def commit(self, epoch: int) -> None:
-        """Make the staged epoch durable, apply it, record it; blocking (run it in a thread)."""
+        """Make the staged epoch durable and apply it; blocking (run it in a thread). Returns
+        once the epoch may be acknowledged: in the journal, durably, and on the image."""
         self._check_epoch(epoch)
-        if self._direct is not None:
-            self._direct.flush()
-            self._close_direct()
+        assert self._image is not None
+        if self._direct:
+            self._image.flush()
             self._record(epoch)
+            self._direct = False
         else:
             self.journal.commit(epoch)
             self._sealed = True
-            self._apply(epoch, self._held)
+            records = self._held
+            if records is None:
+                records = read_records(self.journal.path, self._epoch_start)
+            for record in records:
+                self._write(self._image, record)
             self._sealed = False
-        self.journal.begin()
+        self.applied = epoch
         self._forget_held()
         self._staged_epoch = 0
+        self._epoch_start = self.journal.end
 
-    def _apply(self, epoch: int, held: list[Record] | None = None) -> None:
-        """Write the committed records (HELD, else read back from the journal) to the image."""
-        records = read_records(self.journal.path) if held is None else held
-        backend = Backend.open(self.image_path, self.state.size, read_only=False)
-        try:
-            for record in records:
-                _write(backend, record.kind, record.offset, record.length, record.data)
-                self.checksums.applied(record.kind, record.offset, record.length, record.data)
-            backend.flush()
-        finally:
-            backend.close()
-        self._record(epoch)
+    def cheap_commit(self, limit: int) -> bool:
+        """The staged epoch holds at most LIMIT bytes and commits through the journal: one
+        small fdatasync, quick enough to run on the event loop."""
+        return not self._direct and self._held is not None and self._held_bytes <= limit
+
+    def checkpoint_due(self) -> bool:
+        """The journal is big or old enough that the image should catch up now."""
+        return self.needs_checkpoint() and (
+            self.journal.committed_end >= CHECKPOINT_BYTES
+            or time.monotonic() - self._checkpointed > CHECKPOINT_SECONDS
+        )
+
+    def checkpoint(self) -> None:
+        """Make the image durable and record the last committed epoch as applied, so the
+        journal can be emptied; blocking. Nothing to do while part of an epoch is staged."""
+        self._checkpointed = time.monotonic()
+        if (
+            self.applied <= self.state.last_applied
+            or self.journal.end != self.journal.committed_end
+        ):
+            return
+        assert self._image is not None
+        self._image.flush()
+        self._record(self.applied)
+        self.journal.reset()
+        self._epoch_start = 0
+
+    def needs_checkpoint(self) -> bool:
+        """Committed epochs wait in the journal and nothing is half staged."""
+        return self.applied > self.state.last_applied and not self._staged_epoch
+
+    def _write(self, backend: Backend, record: Record) -> None:
+        """One record onto the image, and into the checksum map (in memory until flushed)."""
+        kind, offset, length, data = record.kind, record.offset, record.length, record.data
+        if kind is Kind.DATA:
+            backend.pwrite(data, offset)
+        elif kind is Kind.ZERO:
+            backend.zero(offset, length, may_trim=False, fast_only=False)
+        elif kind is Kind.TRIM:
+            backend.zero(offset, length, may_trim=True, fast_only=False)
+        else:
+            return
+        self.checksums.applied(kind, offset, length, data)
 
     def _record(self, epoch: int) -> None:
+        """The image is durable at EPOCH: stamp the map, then the state file."""
         self.checksums.committed(epoch)
         self.state.last_applied = epoch
         self.state.save(self.state_path)
-
-
-def _write(
-    backend: Backend, kind: Kind, offset: int, length: int, data: bytes | memoryview
-) -> None:
-    if kind is Kind.DATA:
-        backend.pwrite(data, offset)
-    elif kind is Kind.ZERO:
-        backend.zero(offset, length, may_trim=False, fast_only=False)
-    elif kind is Kind.TRIM:
-        backend.zero(offset, length, may_trim=True, fast_only=False)
+        self.applied = max(self.applied, epoch)

@@ -58,6 +58,20 @@ class Epoch:
         self.nbytes += len(data)
         self.blocks[block] = data
 
+    def put_run(self, start: int, data: memoryview, bs: int) -> None:
+        """Whole blocks from block START: `put` for each, with one pass over the ranges."""
+        n = len(data) // bs
+        if self.marks:
+            self._unmark(start, start + n)
+        blocks = self.blocks
+        replaced = 0
+        for i in range(n):
+            old = blocks.get(start + i)
+            if old is not None:
+                replaced += len(old)
+            blocks[start + i] = bytes(data[i * bs : (i + 1) * bs])
+        self.nbytes += n * bs - replaced
+
     def mark(self, start: int, end: int, mark: Mark) -> None:
         """Blocks [start, end) read as zeros from now on (ZERO) or are discarded (TRIM)."""
         for block in [b for b in self.blocks if start <= b < end]:

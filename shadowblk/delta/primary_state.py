@@ -3,8 +3,14 @@
 - `replicator.json`: the volume's identity and the epoch numbers reserved so far (numbers are
   reserved in blocks, so a restarted primary never reuses one a shadow may have applied);
 - per shadow `shadow-<host>-<port>.json` (last acknowledged epoch) and `.lacks` (a DirtyBitmap
-  file): every block the shadow may lack. The persisted bitmap is a superset of the exact one:
-  before a write into a chunk it does not cover is captured, the whole chunk is marked and saved.
+  file): every block the shadow may lack. The saved bitmap is a superset of the exact one:
+  before a write into a chunk it does not cover is captured, the whole chunk is marked and the
+  bitmap saved, without fsync (for `shadowblk verify`, which reads it live); the checkpoint
+  saves it durably;
+- per shadow `shadow-<host>-<port>.al`, the activity log: the *hot* chunks, durable (one
+  append, one fdatasync) before any write into a chunk that is not hot yet is captured. A chunk
+  stays hot (up to a bound, then the checkpoint lets idle ones go), so a busy volume pays no sync
+  on its write path. After a crash the shadow lacks at most `.lacks` and the hot chunks.
 """
 
 from __future__ import annotations
@@ -13,17 +19,28 @@ import fcntl
 import json
 import os
 import re
+import struct
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+import crc32c
+
 from shadowblk.delta.journal import fsync_dir
 from shadowblk.tracking.bitmap import BitmapCorruptError, DirtyBitmap
 
-EPOCH_RESERVATION = 1024
+EPOCH_RESERVATION = 1 << 16  # numbers reserved per write of replicator.json (3 syncs)
 CHUNK = 4 << 20  # granularity of the persisted superset (as the tracker's regions)
 COVER_AHEAD = 15  # chunks covered beyond a sequential writer's position
+_AL_RECORD = struct.Struct("<II")  # chunk, crc32c of its 4 bytes
+
+
+def ahead(chunks: list[int], known: set[int]) -> list[int]:
+    """CHUNKS, plus the COVER_AHEAD chunks after each one that follows a chunk in KNOWN (a
+    sequential writer): one save per 64 MiB of a sequential stream instead of one per 4 MiB."""
+    more = [c + k for c in chunks if c - 1 in known for k in range(1, COVER_AHEAD + 1)]
+    return sorted({*chunks, *more})
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -98,6 +115,62 @@ def shadow_name(host: str, port: int) -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", host) + f"-{port}"
 
 
+class ActivityLog:
+    """The hot chunks of one shadow, durable: `add` appends (one fdatasync), `rewrite`
+    replaces the file atomically when the checkpoint lets chunks go."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self.hot: set[int] = set(self._read())
+        if not path.exists():
+            self.rewrite([])  # created durably: later appends need no folder sync
+
+    def _read(self) -> list[int]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        chunks = []
+        for at in range(0, len(raw) - _AL_RECORD.size + 1, _AL_RECORD.size):
+            chunk, crc = _AL_RECORD.unpack_from(raw, at)
+            if crc32c.crc32c(raw[at : at + 4]) != crc:
+                break  # a torn append: what follows was never relied on
+            chunks.append(chunk)
+        return chunks
+
+    @staticmethod
+    def _records(chunks: list[int]) -> bytes:
+        return b"".join(_AL_RECORD.pack(c, crc32c.crc32c(c.to_bytes(4, "little"))) for c in chunks)
+
+    def add(self, chunks: list[int]) -> None:
+        """Make CHUNKS (already in `hot`) durable before writes into them are captured."""
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.write(self._fd, self._records(chunks))
+        os.fdatasync(self._fd)
+
+    def rewrite(self, chunks: list[int]) -> None:
+        """The log becomes exactly CHUNKS (temp file, fsync, rename, fsync of the folder)."""
+        self.close()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(self._records(chunks))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(self.path.parent)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class ShadowRecord:
     """The primary's durable knowledge of one shadow: last acknowledged epoch and lacks."""
 
@@ -106,7 +179,9 @@ class ShadowRecord:
         self.bitmap_path = state_dir / f"shadow-{name}.lacks"
         self.acked = 0  # 0: nothing known, the shadow gets a full sync
         self.persisted = DirtyBitmap(size, block_size)
-        self.covered: set[int] = set()
+        self.covered: set[int] = set()  # chunks marked in `persisted` (the saved bitmap)
+        self.touched: set[int] = set()  # chunks written since the last checkpoint
+        self.log = ActivityLog(state_dir / f"shadow-{name}.al")
         self.save_lock = threading.Lock()
         if self.json_path.exists() and self.bitmap_path.exists():
             try:
@@ -119,6 +194,9 @@ class ShadowRecord:
                     self.persisted = loaded
                 else:
                     self.acked = 0
+        for chunk in sorted(self.log.hot):  # written, perhaps not shipped, when we stopped
+            if chunk * CHUNK < size:
+                self.persisted.mark(chunk * CHUNK, min(CHUNK, size - chunk * CHUNK))
         self.lacks = self.persisted.copy()
 
     def chunks_missing(self, offset: int, length: int) -> list[int]:
@@ -130,19 +208,34 @@ class ShadowRecord:
         ]
 
     def cover(self, chunks: list[int]) -> None:
-        """Mark CHUNKS in the persisted superset; a chunk that follows a covered one (a
-        sequential writer) brings the next COVER_AHEAD chunks with it, so a stream of
-        sequential writes costs one save per 64 MiB instead of one per 4 MiB."""
+        """Mark CHUNKS (and those `ahead` of a sequential writer) in the saved superset."""
         size = self.persisted.size
-        ahead = [c + k for c in chunks if c - 1 in self.covered for k in range(COVER_AHEAD + 1)]
-        for c in sorted({*chunks, *ahead}):
+        for c in ahead(chunks, self.covered):
             start = c * CHUNK
             if start >= size:
                 break
             self.persisted.mark(start, min(CHUNK, size - start))
             self.covered.add(c)
 
+    def heat(self, offset: int, length: int) -> list[int]:
+        """A write is about to be captured: the chunks that must be added to the activity log
+        first (now hot; for a sequential writer, with those `ahead`)."""
+        chunks = range(offset // CHUNK, (offset + length - 1) // CHUNK + 1)
+        self.touched.update(chunks)
+        cold = [c for c in chunks if c not in self.log.hot]
+        if not cold:
+            return []
+        last = (self.persisted.size - 1) // CHUNK
+        new = [c for c in ahead(cold, self.log.hot) if c <= last and c not in self.log.hot]
+        self.log.hot.update(new)
+        return new
+
     def save(self, snapshot: DirtyBitmap, acked: int) -> None:
         """Bitmap first, then the epoch it is relative to (see docs/protocol.md)."""
         snapshot.save(self.bitmap_path)
         write_json(self.json_path, {"acked": acked})
+
+    def show(self, snapshot: DirtyBitmap) -> None:
+        """Replace the saved bitmap by a larger one, without fsync: for readers of the live
+        record (`shadowblk verify`); durability comes from the activity log."""
+        snapshot.save(self.bitmap_path, durable=False)

@@ -7,6 +7,7 @@ Public interface (thread-safe; the NBD server calls it from its connection threa
                      max_lag_bytes=64 MiB, cut_interval=1.0, hmac_key=b"...", tls=None)
     rep.start()
     rep.on_write(offset, data)      # before the write is acknowledged; may block (back-pressure)
+    rep.on_writes([(offset, data), ...])  # a batch, in order (the native NBD loop's)
     rep.on_zero(offset, length)     # WRITE_ZEROES
     rep.on_trim(offset, length)     # TRIM
     rep.cut_epoch() -> int          # close the open epoch (any moment is a valid cut)
@@ -45,6 +46,7 @@ from shadowblk.tracking.bitmap import DirtyBitmap
 log = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL = 1.0
+AL_CHUNKS = 128  # hot chunks (of 4 MiB) kept in the activity log before idle ones are let go
 
 
 class FencedError(Exception):
@@ -143,30 +145,41 @@ class Replicator:
             self._thread.join(30)
         for link in self.links:
             self._checkpoint(link, final=True)
+            link.record.log.close()
         os.close(self._owner)
 
     # --- capture (writer threads) ------------------------------------------------------------
 
     def on_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Capture a write into the open epoch (the latest data per block wins)."""
-        view = memoryview(data).cast("B")
-        self._check(offset, len(view))
-        bs = self.block_size
+        self.on_writes([(offset, data)])
+
+    def on_writes(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Capture WRITES, in order, under one lock and one round of record saves (a batch of
+        the native NBD loop). Raises before capturing any if one of them is refused."""
+        views = [(offset, memoryview(data).cast("B")) for offset, data in writes]
+        for offset, view in views:
+            self._check(offset, len(view))
+        pending: dict[ShadowLink, tuple[list[int], bool]] = {}
         with self.lock:
-            pos = 0
-            while pos < len(view):
-                at = offset + pos
-                block, within = divmod(at, bs)
-                n = min(bs - within, len(view) - pos)
-                if n == bs:
-                    self.open.put(block, bytes(view[pos : pos + bs]))
-                else:
-                    base = bytearray(self._current_block(block))
-                    base[within : within + n] = view[pos : pos + n]
-                    self.open.put(block, bytes(base))
-                pos += n
-            pending = self._mark(offset, len(view))
-        self._after_capture(pending)
+            for offset, view in views:
+                self._capture(offset, view)
+                for link, hot, show in self._mark(offset, len(view)):
+                    was_hot, was_shown = pending.get(link, ([], False))
+                    pending[link] = (was_hot + hot, was_shown or show)
+        self._after_capture([(link, hot, show) for link, (hot, show) in pending.items()])
+
+    def _capture(self, offset: int, view: memoryview) -> None:
+        """(lock) One write into the open epoch: whole blocks as a run, edges merged."""
+        bs = self.block_size
+        head = min(-offset % bs, len(view))  # bytes before the first block boundary
+        whole = (len(view) - head) // bs * bs
+        if head:
+            self._put_partial(offset, view[:head])
+        if whole:
+            self.open.put_run((offset + head) // bs, view[head : head + whole], bs)
+        if head + whole < len(view):
+            self._put_partial(offset + head + whole, view[head + whole :])
 
     def on_zero(self, offset: int, length: int) -> None:
         self._ranged(offset, length, Mark.ZERO)
@@ -196,6 +209,13 @@ class Replicator:
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise ValueError(f"range {offset}+{length} outside the volume of {self.size} bytes")
 
+    def _put_partial(self, offset: int, data: memoryview) -> None:
+        """(lock) DATA, inside one block, merged with the block's latest captured content."""
+        block, within = divmod(offset, self.block_size)
+        base = bytearray(self._current_block(block))
+        base[within : within + len(data)] = data
+        self.open.put(block, bytes(base))
+
     def _current_block(self, block: int) -> bytes:
         """The block's content as of the latest capture (for a partial-block write)."""
         for epoch in [self.open, *reversed(self.closed)]:
@@ -206,21 +226,24 @@ class Replicator:
                 return bytes(self.block_size)
         return _pread(self.fd, self.block_size, block * self.block_size)
 
-    def _mark(self, offset: int, length: int) -> list[ShadowLink]:
-        """(lock) Add the range to every shadow's lacks; the shadows whose persisted superset
-        must grow first."""
+    def _mark(self, offset: int, length: int) -> list[tuple[ShadowLink, list[int], bool]]:
+        """(lock) Add the range to every shadow's lacks; per shadow whose records must grow
+        first: the chunks its activity log must add, and whether its saved bitmap must."""
         pending = []
         for link in self.links:
-            link.record.lacks.mark(offset, length)
-            missing = link.record.chunks_missing(offset, length)
+            rec = link.record
+            rec.lacks.mark(offset, length)
+            missing = rec.chunks_missing(offset, length)
             if missing:
-                link.record.cover(missing)
-                pending.append(link)
+                rec.cover(missing)
+            hot = rec.heat(offset, length)
+            if missing or hot:
+                pending.append((link, hot, bool(missing)))
         return pending
 
-    def _after_capture(self, pending: list[ShadowLink]) -> None:
-        for link in pending:
-            self._save(link)
+    def _after_capture(self, pending: list[tuple[ShadowLink, list[int], bool]]) -> None:
+        for link, hot, show in pending:
+            self._save(link, hot, show)
         with self.lock:
             if self._lag_bytes() <= self.max_lag_bytes:
                 return
@@ -231,12 +254,17 @@ class Replicator:
                     return
                 self.lock.wait(0.5)
 
-    def _save(self, link: ShadowLink) -> None:
+    def _save(self, link: ShadowLink, hot: list[int], show: bool) -> None:
+        """Before the write is captured: HOT chunks durably in the activity log (a crash
+        cannot forget them), the grown bitmap where `shadowblk verify` reads it (SHOW)."""
         rec = link.record
         with rec.save_lock:
-            with self.lock:
-                snapshot, acked = rec.persisted.copy(), rec.acked
-            rec.save(snapshot, acked)
+            if hot:
+                rec.log.add(hot)
+            if show:
+                with self.lock:
+                    snapshot = rec.persisted.copy()
+                rec.show(snapshot)
 
     # --- epochs ------------------------------------------------------------------------------
 
@@ -393,11 +421,20 @@ class Replicator:
                     saved[link.name] = link.record.acked
 
     def _checkpoint(self, link: ShadowLink, final: bool = False) -> None:
-        """Shrink the shadow's persisted lacks to what it really lacks now, when known. The
-        FINAL one (no more writes) saves the exact set, without the chunks that cover writes."""
+        """Shrink the shadow's persisted lacks to what it really lacks now, when known, and,
+        past AL_CHUNKS, its activity log to the chunks written since the last checkpoint. The
+        FINAL one (no more writes) saves the exact set and an empty log."""
         rec = link.record
         with rec.save_lock:
             with self.lock:
+                keep = rec.log.hot
+                if final:
+                    keep = set()
+                elif len(keep) > AL_CHUNKS:
+                    keep = rec.touched | _chunks(self.open, self.block_size)
+                rec.touched = set()
+                cooled = keep != rec.log.hot
+                rec.log.hot = keep
                 if link.retained_from is not None and link.retained_from <= rec.acked + 1:
                     exact = DirtyBitmap(self.size, self.block_size)
                     bs = self.block_size
@@ -408,18 +445,12 @@ class Replicator:
                     rec.lacks = exact
                     rec.persisted = exact.copy()
                     rec.covered = set()
-                    rec.cover(
-                        sorted(
-                            {
-                                c
-                                for start, end in self.open.ranges()
-                                for c in range(start * bs // CHUNK, (end * bs - 1) // CHUNK + 1)
-                            }
-                        )
-                    )
+                    rec.cover(sorted(_chunks(self.open, bs)))
                 snapshot = rec.lacks.copy() if final else rec.persisted.copy()
                 acked = rec.acked
             rec.save(snapshot, acked)
+            if cooled:
+                rec.log.rewrite(sorted(keep))
 
     # --- reporting ---------------------------------------------------------------------------
 
@@ -460,6 +491,15 @@ class Replicator:
                 "lag_bytes": self._lag_bytes(),
                 "shadows": shadows,
             }
+
+
+def _chunks(epoch: Epoch, bs: int) -> set[int]:
+    """The CHUNKs an epoch writes."""
+    return {
+        c
+        for start, end in epoch.ranges()
+        for c in range(start * bs // CHUNK, (end * bs - 1) // CHUNK + 1)
+    }
 
 
 def _address(spec: str) -> tuple[str, int]:

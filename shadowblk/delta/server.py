@@ -49,6 +49,8 @@ MAX_NACKS = 64
 QUEUE_FRAMES = 64  # checked frames (at most 1 MiB of data each) waiting for the applier
 OFF_LOOP_BYTES = 64 << 10  # frames this big are checked and staged in a worker thread
 GROUP_COMMIT_BYTES = 64 << 20  # staged data above which an epoch commits even if more are queued
+INLINE_COMMIT_BYTES = 64 << 10  # epochs this small commit on the loop (a sync flush's latency)
+CHECKPOINT_IDLE = 0.2  # seconds without a frame after which committed epochs are checkpointed
 STAGED_EVERY = 4 << 20  # confirm staged frames this often, so the sender can forget them
 _KINDS = {FrameType.EXTENT: Kind.DATA, FrameType.ZERO: Kind.ZERO, FrameType.TRIM: Kind.TRIM}
 
@@ -80,7 +82,7 @@ class ShadowServer:
                 self.broken[vid] = str(exc)
                 continue
             self.volumes[volume.state.volume_id] = volume
-            log.info("volume %s at epoch %d", volume.state.volume_id, volume.state.last_applied)
+            log.info("volume %s at epoch %d", volume.state.volume_id, volume.applied)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -181,9 +183,12 @@ class _Stream:
             await self.refuse(FrameError(ErrorCode.INTERNAL, f"shadow I/O error: {exc}"))
         finally:
             if self.server.streams.get(vid) is task:
-                del self.server.streams[vid]
-                if self.volume is not None:
-                    self.volume.end_stream()
+                try:  # still registered meanwhile: a next stream waits for this one to end
+                    if self.volume is not None:
+                        await _finish(self.volume.end_stream)
+                finally:
+                    if self.server.streams.get(vid) is task:
+                        del self.server.streams[vid]
 
     async def _hello(self) -> tuple[Frame, Hello]:
         frame = await asyncio.wait_for(read_frame(self.reader, self.session), HELLO_TIMEOUT)
@@ -224,7 +229,7 @@ class _Stream:
         nonce = os.urandom(NONCE_SIZE)
         st = volume.state
         welcome = Welcome(
-            nonce, st.last_applied > 0, st.last_applied, st.generation, st.size, st.block_size
+            nonce, volume.applied > 0, volume.applied, st.generation, st.size, st.block_size
         )
         self.out_seq = -1  # WELCOME goes out as sequence 0
         await self.send(FrameType.WELCOME, payload=pack_welcome(welcome))
@@ -234,7 +239,7 @@ class _Stream:
             hello.volume_id,
             self.peer,
             hello.generation,
-            st.last_applied,
+            volume.applied,
             hello.acked_epoch,
         )
 
@@ -307,8 +312,18 @@ class _Stream:
         return frame, self._check(frame)
 
     async def _apply_all(self, queue: asyncio.Queue[tuple[Frame, bytes]]) -> None:
+        volume = self.volume
+        assert volume is not None
         while True:
-            frame, data = await queue.get()
+            try:
+                if queue.empty():
+                    frame, data = await asyncio.wait_for(queue.get(), CHECKPOINT_IDLE)
+                else:
+                    frame, data = queue.get_nowait()
+            except TimeoutError:  # a quiet stream: make the image durable, empty the journal
+                if volume.needs_checkpoint():
+                    await _finish(volume.checkpoint)
+                continue
             await self._apply(frame, data)
 
     def _check(self, frame: Frame) -> bytes:
@@ -336,12 +351,12 @@ class _Stream:
         assert volume is not None
         if frame.type in _KINDS:
             args = (_KINDS[frame.type], frame.offset, frame.length, frame.epoch, data)
-            if len(data) >= OFF_LOOP_BYTES:
+            if len(data) >= OFF_LOOP_BYTES:  # overlaps with the receiving of the next frames
                 await _finish(volume.stage, *args)
             else:
                 volume.stage(*args)
         elif frame.type is FrameType.PING:
-            await self.send(FrameType.PONG, epoch=volume.state.last_applied)
+            await self.send(FrameType.PONG, epoch=volume.applied)
         elif frame.flags & FLAG_MERGE:
             volume.mark_epoch_end(frame.epoch)
         else:
@@ -351,9 +366,14 @@ class _Stream:
                 # (the image goes from one epoch boundary to a later one, as with MERGE)
                 volume.mark_epoch_end(frame.epoch)
                 return
-            await _finish(volume.commit, frame.epoch)
+            if volume.cheap_commit(INLINE_COMMIT_BYTES):
+                volume.commit(frame.epoch)  # one small fdatasync: cheaper than two thread hops
+            else:
+                await _finish(volume.commit, frame.epoch)
             log.debug("%s: epoch %d applied", volume.state.volume_id, frame.epoch)
             await self.send(FrameType.EPOCH_APPLIED, epoch=frame.epoch)
+            if volume.checkpoint_due():
+                await _finish(volume.checkpoint)
 
 
 async def _finish(func: Callable[..., None], *args: object) -> None:

@@ -47,6 +47,8 @@ CONNECT_TIMEOUT = 10.0
 ACK_TIMEOUT = 10.0  # no frame at all from the shadow this long: the link is dead
 PING_INTERVAL = 2.0
 WINDOW_BYTES = 32 << 20
+INLINE_BYTES = 64 << 10  # epochs this small are encoded on the event loop
+BATCH_BYTES = 4 << 20  # frames made per worker-thread call
 SEND_BUFFER = 8 << 20  # frames queued in the transport before drain() waits: keeps TCP busy
 
 
@@ -252,30 +254,51 @@ class _Session:
                 await self._wait(1.0)
                 continue
             # reading, compressing and tagging release the GIL: in a worker thread they overlap
-            # with this loop pushing the previous frames into the socket
-            made = await asyncio.to_thread(self._produce)
-            if made is None:
+            # with this loop pushing the previous frames into the socket; the frames of a small
+            # epoch are made here, sparing a sync flush two thread hops
+            if self._small():
+                made = self._produce(0)
+            else:
+                made = await asyncio.to_thread(self._produce, BATCH_BYTES)
+            if not made:
                 if time.monotonic() - self.last_sent < PING_INTERVAL:
                     await self._wait(PING_INTERVAL)
                     continue
                 frame = self.frame(FrameType.PING, seq=self.seq + 1)
-                made = frame, encode(frame, self.session)
-            frame, wire = made
-            self.seq += 1
-            if frame.type is FrameType.EPOCH_END and not frame.flags & FLAG_MERGE:
-                self.end_seq[frame.epoch] = self.seq
-            self.unconfirmed.append((self.seq, wire))
-            self.unconfirmed_bytes += len(wire)
-            self.pos += 1
-            await self._write(wire)
+                made = [(frame, encode(frame, self.session))]
+            for frame, wire in made:
+                self.seq += 1
+                if frame.type is FrameType.EPOCH_END and not frame.flags & FLAG_MERGE:
+                    self.end_seq[frame.epoch] = self.seq
+                self.unconfirmed.append((self.seq, wire))
+                self.unconfirmed_bytes += len(wire)
+                self.pos += 1
+                await self._write(wire)
 
-    def _produce(self) -> tuple[Frame, bytes] | None:
-        """The next frame, sequenced, and its wire bytes; None when there is nothing to send."""
-        frame = self._next()
-        if frame is None:
-            return None
-        frame = replace(frame, seq=self.seq + 1)
-        return frame, encode(frame, self.session)
+    def _produce(self, budget: int) -> list[tuple[Frame, bytes]]:
+        """The next frames, sequenced, and their wire bytes: at least one if there is anything
+        to send, more while they add up to less than BUDGET bytes (one thread hop for many)."""
+        made: list[tuple[Frame, bytes]] = []
+        size = 0
+        while not made or size < budget:
+            frame = self._next()
+            if frame is None:
+                break
+            frame = replace(frame, seq=self.seq + 1 + len(made))
+            wire = encode(frame, self.session)
+            made.append((frame, wire))
+            size += len(wire)
+        return made
+
+    def _small(self) -> bool:
+        """The next frame comes from an epoch of at most INLINE_BYTES of data (or none)."""
+        if self.source is not None:
+            return False
+        if self.current is not None:
+            epoch = self.current_epoch
+        else:
+            epoch = self.rep.epoch_after(self.sent_epoch)
+        return epoch is None or epoch.nbytes <= INLINE_BYTES
 
     async def _wait(self, timeout: float) -> None:
         """Until kicked (a cut, an ack, a NACK) or TIMEOUT passes."""

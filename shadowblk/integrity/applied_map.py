@@ -1,12 +1,14 @@
 """A shadow's checksum map: DIR/<volume>.map, kept in step with the epochs the applier writes.
 
-The applier calls `applied(kind, offset, length, data)` after each record reaches the image
-and `committed(epoch)` once an epoch is on the image, before it records the epoch as applied
-(and so before the primary hears of it). `committed` flushes the map: between epochs the map
-on disk is clean, exact, and stamped with the last applied epoch; while an epoch is being
-applied it is marked not clean, so a shadow that dies mid-epoch rebuilds it from the image at
-the next start. The map is opened (rebuilt if not trusted) when the volume is created or
-loaded (`prepare`), else at the first record.
+The applier calls `applied(kind, offset, length, data)` as each record reaches the image (the
+memory-mapped entries change at once, before the epoch is acknowledged, so a live `verify`
+reads them) and `committed(epoch)` at a checkpoint, once the image is durable at that epoch and
+before the state file records it. `committed` flushes the map (its syncs are off a `sync`
+flush's path): after a checkpoint the map on disk is clean, exact, and stamped with the
+checkpoint's epoch; from the first record after it the map is marked not clean, so a shadow
+that dies before the next checkpoint rebuilds it from the image at the next start. The map is
+opened (rebuilt if not trusted) when the volume is created or loaded (`prepare`), else at the
+first record.
 
 A failure of the map never fails replication: the map is removed (so nothing trusts it) and
 the volume goes on without one until the next start rebuilds it. A map whose epoch is not the

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,10 @@ class ReplicationObserver:
     def on_write(self, offset: int, data: bytes) -> None:
         self._guard(self.replicator.on_write, offset, data)
 
+    def on_writes(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """A batch of WRITEs (the native loop's), captured under one lock."""
+        self._guard(self.replicator.on_writes, writes)
+
     def on_zero(self, offset: int, length: int) -> None:
         self._guard(self.replicator.on_zero, offset, length)
 
@@ -62,11 +67,11 @@ class ReplicationObserver:
     def on_flush(self) -> None:
         self.replicator.flush()
 
-    def _guard(self, call: Any, offset: int, arg: Any) -> None:
+    def _guard(self, call: Any, *args: Any) -> None:
         if self.fenced:
             raise FencedError("this primary is fenced: a shadow holds a newer generation")
         try:
-            call(offset, arg)
+            call(*args)
         except FencedError:
             if not self.fenced:
                 log.error("fenced by a shadow with a newer generation: refusing every write")

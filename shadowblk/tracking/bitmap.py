@@ -74,8 +74,11 @@ def check_max_length(max_length: int | None, block_size: int) -> int | None:
 # needs no second copy of the bitmap.
 
 
-def write_file(path: str | os.PathLike[str], size: int, block_size: int, pages: Iterable) -> None:
-    """Write (page index, bits) pairs atomically: temp file, fsync, rename, fsync the folder."""
+def write_file(
+    path: str | os.PathLike[str], size: int, block_size: int, pages: Iterable, durable: bool = True
+) -> None:
+    """Write (page index, bits) pairs atomically: temp file, fsync, rename, fsync the folder.
+    Not DURABLE: without the fsyncs (readers see it at once; a power loss may not keep it)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -89,11 +92,14 @@ def write_file(path: str | os.PathLike[str], size: int, block_size: int, pages: 
             crc = _write(out, _U64.pack(npages), crc)
             out.write(_CRC.pack(crc))
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
@@ -298,10 +304,10 @@ class DirtyBitmap(_native.Bitmap):
     def __repr__(self) -> str:
         return f"DirtyBitmap(size={self.size}, block_size={self.block_size}, dirty={self.count()})"
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], durable: bool = True) -> None:
         """Persist atomically in the checksummed bitmap format (save a cut() or copy() of a
-        bitmap that is still being marked, for a stable snapshot)."""
-        write_file(path, self.size, self.block_size, self._pages())
+        bitmap that is still being marked, for a stable snapshot); see write_file."""
+        write_file(path, self.size, self.block_size, self._pages(), durable)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Self:

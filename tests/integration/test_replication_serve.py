@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from shadowblk.nbd.replication import StatusUnavailable, read_status
-from tests.delta_driver import make_key, shadow_state, start_shadow
+from tests.delta_driver import durable_epoch, make_key, start_shadow
 from tests.integration.test_serve_clients import run
 from tests.integration.test_shadow_tls import pki  # noqa: F401 - the PKI fixture
 from tests.procs import SHADOWBLK, Processes
@@ -156,7 +156,7 @@ def test_sync_flush_returns_once_every_shadow_applied(procs: Processes, tmp_path
     for i in range(6):
         pattern, offset = 0x30 + i, (i * 2 + 1) << 20
         run(["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} 64k", "-c", "flush", url])
-        applied = [shadow_state(tmp_path / f"s{k}", VOLUME)["last_applied"] for k in range(2)]
+        applied = [durable_epoch(tmp_path / f"s{k}", VOLUME) for k in range(2)]
         for k in range(2):
             with open(tmp_path / f"s{k}" / f"{VOLUME}.img", "rb") as f:
                 assert os.pread(f.fileno(), 65536, offset) == bytes([pattern]) * 65536

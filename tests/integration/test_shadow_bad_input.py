@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,14 @@ def shadow(tmp_path: Path, procs: Processes):
     return proc, port, key, tmp_path / "data"
 
 
+def checkpointed(data: Path, epoch: int) -> None:
+    """Wait until the state file of v1 records EPOCH (the checkpoint after a stream ends)."""
+    deadline = time.monotonic() + 30
+    while shadow_state(data, "v1")["last_applied"] < epoch:
+        assert time.monotonic() < deadline, shadow_state(data, "v1")
+        time.sleep(0.02)
+
+
 def untouched(data: Path, before: tuple[str, dict]) -> None:
     assert (file_hash(data / "v1.img"), shadow_state(data, "v1")) == before
 
@@ -190,6 +199,7 @@ def test_every_bad_input_is_refused_and_the_daemon_serves_on(shadow) -> None:
     recorder.send(FrameType.EPOCH_END, 2)
     assert recorder.read().type is FrameType.EPOCH_APPLIED
     recorder.close()
+    checkpointed(data, 2)  # acknowledged from the journal; the state file follows at stream end
     committed = (file_hash(data / "v1.img"), shadow_state(data, "v1"))
     replayer = RawClient(port, key)
     assert replayer.hello(generation=2).type is FrameType.WELCOME

@@ -25,7 +25,11 @@ def test_frames_replay_the_writes_in_order(seed: int) -> None:
     for _ in range(rng.randint(1, 40)):
         start = rng.randrange(NBLOCKS)
         end = rng.randint(start + 1, min(NBLOCKS, start + 12))
-        if rng.random() < 0.6:
+        if rng.random() < 0.3:  # a run of whole blocks in one call, as on_write captures it
+            data = rng.randbytes((end - start) * BS)
+            epoch.put_run(start, memoryview(data), BS)
+            model[start * BS : end * BS] = data
+        elif rng.random() < 0.6:
             for block in range(start, end):
                 data = bytes(BS) if rng.random() < 0.2 else rng.randbytes(BS)
                 epoch.put(block, data)

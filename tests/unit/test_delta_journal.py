@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -76,9 +77,11 @@ def test_torn_commit_record_is_not_a_commit(tmp_path: Path) -> None:
 def test_journal_left_after_the_state_update_is_not_applied_twice(tmp_path: Path) -> None:
     volume, _, _ = staged_volume(tmp_path)
     volume.commit(2)
+    volume.checkpoint()
+    assert json.loads(volume.state_path.read_text())["last_applied"] == 2
     after = image_hash(volume)
-    volume.journal.close()
-    stale = Journal(volume.journal.path)  # as if the crash came before the journal was dropped
+    volume.end_stream()
+    stale = Journal(volume.journal.path)  # as if the crash came before the journal was emptied
     stale.begin()
     stale.append(Kind.DATA, BS, 2 * BS, 2, bytes(2 * BS))
     stale.commit(2)
@@ -140,3 +143,38 @@ def test_a_commit_that_fails_half_way_is_finished_before_the_next_stream(
     assert volume.state.last_applied == 2
     image = volume.image_path.read_bytes()
     assert image[:BS] == bytes(BS) and image[BS : 3 * BS] == new
+
+
+def test_acknowledged_epochs_live_in_the_journal_until_a_checkpoint(tmp_path: Path) -> None:
+    """commit() returns (the epoch may be acknowledged) after one journal fdatasync: the state
+    file still names the last checkpoint, and a crash before the next one loses nothing."""
+    volume, _, new = staged_volume(tmp_path)
+    volume.commit(2)
+    later = os.urandom(BS)
+    volume.stage(Kind.DATA, 3 * BS, BS, 3, later)
+    volume.commit(3)
+    assert volume.applied == 3
+    assert json.loads(volume.state_path.read_text())["last_applied"] == 1
+    at_epoch_3 = image_hash(volume)
+    volume.stage(Kind.DATA, 0, BS, 4, os.urandom(BS))  # staged, never committed
+    volume.journal.close()  # crash
+    again = reopen(tmp_path)
+    assert again.state.last_applied == again.applied == 3
+    assert image_hash(again) == at_epoch_3
+    image = again.image_path.read_bytes()
+    assert image[:BS] == bytes(BS) and image[BS : 3 * BS] == new and image[3 * BS : 4 * BS] == later
+    assert not again.journal.path.exists()
+
+
+def test_a_stream_end_checkpoints_and_voids_the_uncommitted_rest(tmp_path: Path) -> None:
+    volume, _, _ = staged_volume(tmp_path)
+    volume.commit(2)
+    at_epoch_2 = image_hash(volume)
+    volume.stage(Kind.DATA, 0, BS, 3, os.urandom(BS))
+    volume.end_stream()
+    assert json.loads(volume.state_path.read_text())["last_applied"] == 2
+    assert not volume.journal.path.exists() and image_hash(volume) == at_epoch_2
+    volume.begin_stream()
+    with pytest.raises(FrameError) as err:
+        volume.stage(Kind.DATA, 0, BS, 2, bytes(BS))
+    assert err.value.code is ErrorCode.REPLAY
