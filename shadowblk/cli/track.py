@@ -69,7 +69,13 @@ def _ship(target: EraTarget, replication: Replication, volume_id: str, state_dir
 @click.option("--written-since", type=click.IntRange(0), default=None,
               help="Print the blocks written since this era (JSON) and exit.")  # fmt: skip
 @click.option("--volume-id", default=None, help="The volume's id at the shadows (to ship).")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the tracker keeps the era it has shipped up to and what each shadow lacks "
+    "(needed with --shadow).",
+)
 @click.option("--interval", type=click.FloatRange(0.01), default=1.0, show_default=True,
               help="Seconds between two passes over the era metadata.")  # fmt: skip
 @click.option("--suspend-every", type=click.IntRange(1), default=5, show_default=True,

@@ -81,8 +81,16 @@ def _render(data: dict[str, Any]) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="The shared key of the delta streams (the verify port uses the same).",
 )
-@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="This side's TLS certificate (PEM), with --tls-key and --tls-ca.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The private key of --tls-cert (PEM).",
+)
 @click.option(
     "--tls-ca",
     type=click.Path(dir_okay=False, path_type=Path),

@@ -116,10 +116,14 @@ def checksum_file(
     workers: int | None = None,
     direct: bool = False,
     drop_cache: bool = True,
+    in_place: bool = True,
     rate: TokenBucket | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """The crc32c of every block of the file (the last block zero-padded to a whole block).
+
+    IN_PLACE: checksum cached windows through a mapping (no copy); a long-lived daemon passes
+    False, since a media error on a mapped page is a SIGBUS that would kill it, not an OSError.
 
     `progress(nbytes)` is called from the calling thread, every 0.1 s and at the end, with the
     bytes checksummed since the previous call.
@@ -130,7 +134,7 @@ def checksum_file(
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         state = _Scan(fd, size, block_size, chunk_size)
-        in_place = not direct and _can_populate(fd, size)
+        in_place = in_place and not direct and _can_populate(fd, size)
         if not direct:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         threads = [

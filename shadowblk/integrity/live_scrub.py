@@ -91,7 +91,10 @@ class LiveScrub:
         shadow_bad: dict[int, tuple[int, int]] = {}
         if shadow is not None:
             shadow.open(self.volume.name)
-            entries, complete = shadow.scan(int(rate or 0))
+            # a silent shadow must not hold the scrub (and refuse every later one) for ever:
+            # its whole-image read at RATE, or at a slow disk's 20 MB/s, plus a margin
+            timeout = 600 + self.size / (rate or 20e6)
+            entries, complete = shadow.scan(int(rate or 0), timeout=timeout)
             shadow_bad = {block: (data, entry) for block, data, entry in entries}
             report.bytes_scanned += self.size
             self.progress("shadow", self.size)

@@ -95,7 +95,7 @@ class ShadowBlocks:
         """Every block whose data differs from its entry on every look: [(block, data crc,
         map crc)] (at most LIMIT) and whether the list is complete."""
         bucket = TokenBucket(rate) if rate else None
-        got = checksum_file(self.image, self.block_size, rate=bucket)
+        got = checksum_file(self.image, self.block_size, rate=bucket, in_place=False)
         if len(got) != self.blocks:
             raise BlockError(f"{self.image} is {len(got)} blocks, its map has {self.blocks}")
         entries = self._entries(0, self.blocks)

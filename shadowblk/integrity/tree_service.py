@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from shadowblk.delta.frames import NONCE_SIZE
 from shadowblk.delta.volume_state import VOLUME_ID
@@ -72,6 +76,15 @@ class TreeService:
         self.key = key
         self.tls = tls
         self.connections = 0
+        # its own threads, not the loop's default pool the applier commits in: a long SCAN
+        # or tree build must never hold up a sync epoch; and one SCAN (a whole-image read)
+        # at a time
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
+        self.scans = asyncio.Semaphore(1)
+
+    async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -126,14 +139,17 @@ class TreeService:
                 await writer.drain()
                 return
             if request[:1] == bytes([OPEN]):
-                reply, snapshot, opened = await asyncio.to_thread(self._open, request[1:])
+                reply, snapshot, opened = await self._work(self._open, request[1:])
                 responder, blocks = snapshot or responder, opened or blocks
             elif responder is None or blocks is None:
                 reply = bytes([ERROR]) + b"OPEN a volume first"
-            elif request[:1] in (bytes([READ]), bytes([SCAN])):
-                reply = await asyncio.to_thread(_blocks_request, blocks, request)
+            elif request[:1] == bytes([SCAN]):
+                async with self.scans:
+                    reply = await self._work(_blocks_request, blocks, request)
+            elif request[:1] == bytes([READ]):
+                reply = await self._work(_blocks_request, blocks, request)
             else:
-                reply = await asyncio.to_thread(responder.handle, request)
+                reply = await self._work(responder.handle, request)
             writer.write(channel.pack(reply))
             await writer.drain()
 

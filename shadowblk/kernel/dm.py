@@ -40,7 +40,6 @@ SUSPEND_FLAG = 1 << 1
 STATUS_TABLE_FLAG = 1 << 4
 ACTIVE_PRESENT_FLAG = 1 << 5
 BUFFER_FULL_FLAG = 1 << 8
-SKIP_LOCKFS_FLAG = 1 << 10
 NOFLUSH_FLAG = 1 << 11
 DATA_OUT_FLAG = 1 << 16
 
@@ -103,6 +102,8 @@ class DeviceMapper:
         self, nr: int, name: str = "", flags: int = 0, data: bytes = b"", targets: int = 0
     ) -> tuple[tuple, bytes]:
         """One ioctl; the header and data that came back (the buffer grows if the kernel asks)."""
+        if len(name.encode()) >= 128:  # the kernel's DM_NAME_LEN, with its NUL
+            raise DMError(errno.ENAMETOOLONG, f"device-mapper name {name!r}: over 127 bytes")
         size = 16384
         while True:
             buf = bytearray(max(size, HEADER.size + len(data)))

@@ -16,6 +16,7 @@ leader learns the latency baseline again (the SMART history it gets at once).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -118,10 +119,10 @@ class RiskMonitor:
         risk = combine(signals, self.settings.combiner)
         doc = risk.to_json()
         doc["reasons"] = [f"{e.signal}: {e.detail}" for e in risk.evidence]
-        reported = body.get("failure") or {}
-        if reported.get("probability", 0.0) > risk.probability:  # an agent's own predictor
-            doc["probability"] = reported["probability"]
-            doc["reasons"] = [f"agent: {r}" for r in reported.get("reasons", [])] + doc["reasons"]
+        reported = _reported(body.get("failure"))
+        if reported is not None and reported[0] > risk.probability:  # an agent's own predictor
+            doc["probability"] = reported[0]
+            doc["reasons"] = [f"agent: {r}" for r in reported[1]] + doc["reasons"]
         decision = state.trigger.update(now, doc["probability"], risk.confidence)
         doc["signals"] = {
             "smart": smart_doc,
@@ -235,3 +236,16 @@ class RiskMonitor:
         self.store.append_event(Event("failure-preempt", server, detail, at=time.time()))
         log.warning("%s%s; primaries: %s", "dry run: " if detail["dry_run"] else "", why,
                     ", ".join(primaries) or "none")  # fmt: skip
+
+
+def _reported(failure: Any) -> tuple[float, list[str]] | None:
+    """An agent's own failure estimate, if it is one: a finite probability in [0, 1] and text
+    reasons. Anything else is ignored, never allowed to drive the trigger."""
+    if not isinstance(failure, dict):
+        return None
+    p, reasons = failure.get("probability"), failure.get("reasons", [])
+    if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p):
+        return None
+    if not 0.0 <= p <= 1.0 or not isinstance(reasons, list):
+        return None
+    return float(p), [str(r) for r in reasons if isinstance(r, str)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import ssl
@@ -66,8 +67,9 @@ def parse_request(line: bytes) -> dict[str, Any]:
         raise RequestError(f"missing fields: {', '.join(missing)}")
     if request["op"] != "scrub":
         raise RequestError(f"unknown op {request['op']!r}")
-    if request["rate"] is not None and request["rate"] <= 0:
-        raise RequestError("rate must be positive (bytes/s) or null")
+    rate = request["rate"]
+    if rate is not None and (not math.isfinite(rate) or rate <= 0):
+        raise RequestError("rate must be a positive number of bytes/s, or null")
     shadow = request.get("shadow")
     if shadow is not None:
         host, sep, port = shadow.rpartition(":")
@@ -96,11 +98,9 @@ class ScrubEndpoint:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a dead server's: this one holds the map's lock, so no other runs
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self._sock.bind(str(self.path))
-        finally:
-            os.umask(old)
+        self._sock.bind(str(self.path))
+        os.chmod(self.path, 0o600)  # before listen: nobody else can connect in between (and no
+        # process-wide umask change under the server's other threads)
         self._sock.listen(4)
         threading.Thread(target=self._accept, name="scrub-control", daemon=True).start()
 

@@ -66,9 +66,8 @@ def test_kill_9_of_the_leading_manager(
 
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(timeout=10)
-    killed_at = time.monotonic()
-    wait_for(lambda: leader_url(Client(second.url)) == second.url, 10, "m2 leads")
-    assert time.monotonic() - killed_at < 10
+    killed_at = time.time()
+    wait_for(lambda: leader_url(Client(second.url)) == second.url, 10, "m2 leads within 10 s")
 
     # replication never depended on the manager: writes keep reaching the shadow
     qemu_io(endpoint, "write -P 0x42 1048576 65536")
@@ -77,7 +76,7 @@ def test_kill_9_of_the_leading_manager(
     # the agents found the new leader: heartbeats arrive there, no server was marked down
     def fresh() -> bool:
         servers = Client(second.url).servers()
-        return all(s["state"] == "up" and s["last_heartbeat"] > time.time() - 2 for s in servers)
+        return all(s["state"] == "up" and s["last_heartbeat"] > killed_at for s in servers)
 
     wait_for(fresh, 10, "every agent heartbeating to m2")
     assert [e for e in both.events() if e["kind"] == "server-down"] == []

@@ -257,7 +257,8 @@ def test_a_server_stopping_ends_its_scrub_cleanly(procs: Processes, tmp_path: Pa
 
 def test_a_volume_not_served_is_a_clear_error(tmp_path: Path) -> None:
     out = subprocess.run(
-        [*SHADOWBLK, "scrub", "--state-dir", str(tmp_path)], capture_output=True, text=True
-    )
+        [*SHADOWBLK, "scrub", "--state-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert out.returncode == 2
     assert "no server answers" in out.stderr

@@ -141,7 +141,7 @@ def test_one_gib_compares_in_a_few_kib_on_the_wire(procs: Processes, tmp_path: P
         (same,) = doc["compares"]
         assert code == 0 and same["differing"] == [], (doc, err)
         matching = relay.total
-        assert 0 < matching <= 64 * KiB, matching
+        assert 0 < matching <= 4 * KiB, matching  # the issue allows 64 KiB; ~220 B measured
         assert same["wire_bytes"] == matching  # what the client counted is what crossed
 
         target = 700 * MiB + 3 * BS
@@ -149,8 +149,8 @@ def test_one_gib_compares_in_a_few_kib_on_the_wire(procs: Processes, tmp_path: P
         code, doc, err = verify(pair.state, pair.key, relay.port)
         (one,) = doc["compares"]
         assert code == 1 and one["differing_blocks"] == [target // BS], (doc, err)
-        assert relay.total - matching - matching <= 64 * KiB, (relay.total, matching)
-        assert one["wire_bytes"] - same["wire_bytes"] <= 64 * KiB
+        assert relay.total - matching - matching <= 8 * KiB, (relay.total, matching)
+        assert one["wire_bytes"] - same["wire_bytes"] <= 8 * KiB  # 64 KiB allowed; ~1.5 KiB
     finally:
         relay.close()
     (record,) = DiscrepancyLog.in_state_dir(pair.state).read()

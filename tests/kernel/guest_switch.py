@@ -1,7 +1,7 @@
 """Guest side of the switchover test, run in the host's userland inside the guest (klab-chroot).
 
 The same writer (QD1, O_DIRECT, 4 KiB blocks, each headed "pass P block B", every write's start
-and end time taken here in the guest) runs twice: on /dev/mapper/sbk-vol made by `shadowblk attach
+and end time taken here in the guest) runs twice: on /dev/mapper/vm-vol made by `shadowblk attach
 --dm` (a table swap from the primary's /dev/nbdX to the shadow's), then on a /dev/nbdN (the
 kernel client, connected here) over the userspace router (`shadowblk attach --listen`,
 repointed). switch.sh started both attach processes (fixed ports: the guest is ours alone).
@@ -141,7 +141,7 @@ def run_writer(device: str, control: str, shadow: str) -> dict:
 def main(out: Path, shadow: str) -> None:
     result = {}
     pid, result["dm_ready"] = wait_ready(out / "dm.out")
-    result["dm"] = run_writer("/dev/mapper/sbk-vol", CONTROL["dm"], shadow)
+    result["dm"] = run_writer("/dev/mapper/vm-vol", CONTROL["dm"], shadow)
     os.kill(pid, signal.SIGTERM)  # switch.sh waits for its clean exit
     pid, result["router_ready"] = wait_ready(out / "router.out")
     nbd = KernelNBD("127.0.0.1", ROUTER_PORT, "vol")

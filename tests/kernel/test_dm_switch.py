@@ -27,17 +27,17 @@ def test_no_error_and_every_block_holds_its_last_write(lab: LabRun, path: str) -
 @pytest.mark.slow
 def test_dm_swap_moves_the_device_and_cleans_up(lab: LabRun) -> None:
     """switch.sh also checks that both attach processes exited 0 on SIGTERM and that the dm
-    one removed /dev/mapper/sbk-vol."""
+    one removed /dev/mapper/vm-vol."""
     result = _result(lab)
     swap = result["dm"]["repoint"]
     assert swap["device"].startswith("/dev/nbd") and swap["pause_ms"] > 0
-    assert result["dm_ready"].startswith("ready /dev/mapper/sbk-vol over /dev/nbd")
+    assert result["dm_ready"].startswith("ready /dev/mapper/vm-vol over /dev/nbd")
+    _keep_pauses(lab, result)
 
 
-@pytest.mark.slow
-def test_pauses_are_reported(lab: LabRun) -> None:
-    """The pauses, measured in the guest, are reported (not asserted: TCG on a shared host)."""
-    result = _result(lab)
+def _keep_pauses(lab: LabRun, result: dict) -> None:
+    """The pauses measured in the guest, kept beside the lab's output for docs/attach.md
+    (reported, never asserted: TCG on a shared host)."""
     dm, router = result["dm"], result["router"]
     report = {
         "dm_suspend_to_resume_ms": round(dm["repoint"]["pause_ms"], 1),
@@ -49,4 +49,3 @@ def test_pauses_are_reported(lab: LabRun) -> None:
     }  # fmt: skip
     print(json.dumps(report))
     (lab.result.outdir / "switch" / "pauses.json").write_text(json.dumps(report))
-    assert 0 < dm["repoint"]["pause_ms"] < 60_000  # sanity: the swap finished at all

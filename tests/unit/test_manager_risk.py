@@ -91,3 +91,13 @@ def test_an_agents_own_higher_score_is_kept_with_its_reasons(store: Store) -> No
     body = beat(0.2) | {"failure": {"probability": 0.85, "reasons": ["SMART 5 grew by 40"]}}
     doc = RiskMonitor(store, None).assess("s1", body, 0.0)
     assert doc["probability"] == 0.85 and doc["reasons"][0] == "agent: SMART 5 grew by 40"
+
+
+def test_an_agents_own_estimate_is_used_only_when_it_is_a_probability() -> None:
+    from shadowblk.manager.risk import _reported
+
+    assert _reported({"probability": 0.7, "reasons": ["smart_5", 3]}) == (0.7, ["smart_5"])
+    for bad in (float("nan"), float("inf"), 1.5, -0.1, "0.9", True, None):
+        assert _reported({"probability": bad, "reasons": []}) is None
+    assert _reported({"probability": 0.5, "reasons": "x"}) is None
+    assert _reported("garbage") is None

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from shadowblk.delta.primary_state import write_json
 from shadowblk.delta.replicator import Replicator
 from shadowblk.tracking.dm_era.metadata import EraMetadata
 from shadowblk.tracking.dm_era.target import EraTarget
@@ -75,9 +76,7 @@ class EraSource:
         return self.target.status().current_era  # new: the shadows get a full sync first
 
     def _save(self) -> None:
-        tmp = self.state.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"since": self.since}))
-        os.replace(tmp, self.state)
+        write_json(self.state, {"since": self.since})  # durable: a torn file would stop a restart
 
     def _read(self, fd: int, md: EraMetadata) -> Iterator[tuple[int, bytes]]:
         for offset, length in extents(md, self.since, self.rep.size):

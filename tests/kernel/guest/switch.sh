@@ -9,7 +9,7 @@ out=$1 repo=$2
 mnt=/mnt/${out#/out/}
 primary=nbd://$HOST:$3/vol shadow=nbd://$HOST:$4/vol
 sbk() { KLAB_CWD=$repo klab-chroot .venv/bin/python -m shadowblk.cli "$@"; }
-sbk attach vol --dm sbk-vol --upstream "$primary" --control 127.0.0.1:7001 >"$out/dm.out" &
+sbk attach vol --dm vm-vol --upstream "$primary" --control 127.0.0.1:7001 >"$out/dm.out" &
 dm=$!
 sbk attach vol --listen 127.0.0.1:7010 --upstream "$primary" --control 127.0.0.1:7002 \
     >"$out/router.out" &
@@ -17,5 +17,5 @@ router=$!
 trap 'kill $dm $router 2>/dev/null || true' EXIT
 KLAB_CWD=$repo klab-chroot .venv/bin/python -m tests.kernel.guest_switch "$mnt" "$shadow"
 wait $dm && wait $router # the driver stopped both (SIGTERM): they must exit cleanly
-[ ! -e /dev/mapper/sbk-vol ] || { echo "attach --dm left /dev/mapper/sbk-vol"; exit 1; }
+[ ! -e /dev/mapper/vm-vol ] || { echo "attach --dm left /dev/mapper/vm-vol"; exit 1; }
 if dmesg | grep -i 'i/o error'; then exit 1; fi
