@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from shadowblk.agent import health
+from shadowblk.agent.control import serve_control
 from shadowblk.agent.exporter import serve_metrics
 from shadowblk.agent.hosting import Endpoint, Hosting, Replication
 from shadowblk.agent.metrics import AgentMetrics
+from shadowblk.agent.smart_source import LiveSmart, ReplaySmart
 from shadowblk.manager.client import Client, ManagerError
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
-SMART_EVERY_S = 600.0
 SHADOW_READY_S = 30.0
 
 
@@ -45,6 +46,8 @@ class Config:
     hmac_key_file: Path
     serve_has_shadows: bool
     metrics_listen: Endpoint | None
+    smart_replay: ReplaySmart | None = None  # instead of smartctl (--smart-replay)
+    control_listen: Endpoint | None = None  # default: --listen's host, any free port
 
 
 def allocated_bytes(root: Path) -> int:
@@ -67,15 +70,22 @@ class Agent:
         self.metrics = AgentMetrics()
         self.probe = health.LatencyProbe(config.data_dir, self.metrics)
         self.smart: dict[str, Any] = {}
-        self._smart_at = -SMART_EVERY_S
+        self.smart_source = config.smart_replay or LiveSmart(config.data_dir)
         self.hosting = Hosting(
             config.data_dir,
             config.listen,
             config.nbd_listen,
             Replication(config.serve_has_shadows, config.hmac_key_file, self.shadow_address),
         )
+        self.volume_probe = health.VolumeProbe(
+            self.metrics, lambda: health.serving(self.hosting.children), config.interval
+        )
+        self.volume_probe.start()
         self.registered = self._announced = False
         self._last_error = ""
+        listen = config.control_listen or Endpoint(config.listen.host, 0)
+        self.control = serve_control(listen, self.hosting, config.token)
+        self.control_address = listen.with_port(self.control.server_port)
 
     def shadow_address(self, server: str) -> str:
         """Where SERVER's shadow server listens, from the manager (LookupError: not known now)."""
@@ -100,8 +110,10 @@ class Agent:
                 if now >= next_beat:
                     next_beat = now + self.config.interval
                     self.beat(now)
-                self.stopping.wait(TICK_S)
+                self.hosting.wake.wait(TICK_S)  # or at once when the control endpoint asks
+                self.hosting.wake.clear()
         finally:
+            self.control.shutdown()
             self.hosting.stop()
             self.hosting.save()
 
@@ -117,11 +129,11 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.hosting.wake.set()
 
     def beat(self, now: float) -> None:
         """Register if needed, send one heartbeat, act on its orders; log a failure once."""
-        if now - self._smart_at >= SMART_EVERY_S:
-            self.smart, self._smart_at = health.smart(self.config.data_dir), now
+        self.smart = self.smart_source.poll(now)
         try:
             if not self.registered:
                 self.client.register(**self.registration())
@@ -130,6 +142,7 @@ class Agent:
                     print(f"ready agent {self.config.name} {self.config.manager}", flush=True)
                 self.registered = self._announced = True
             self.probe.probe()
+            sent = time.monotonic()  # a lease counts from before the manager saw the heartbeat
             reply = self.client.heartbeat(self.config.name, **self.health())
         except ManagerError as err:
             if err.status == 404:
@@ -144,9 +157,10 @@ class Agent:
         for order in sorted(reply["orders"], key=lambda o: o["seq"]):
             try:
                 self.hosting.apply(order)
-            except OSError as err:  # the disk: try this order again at the next heartbeat
+            except (OSError, LookupError) as err:  # try this order again at the next heartbeat
                 log.error("order %s: %s", order.get("order_id"), err)
                 return
+        self.hosting.renew(reply.get("leases", {}), sent + reply.get("lease_s", 0.0))
 
     def _space(self) -> tuple[int, int]:
         capacity, used = health.space(self.config.data_dir)
@@ -161,6 +175,7 @@ class Agent:
             "zone": c.zone,
             "rack": c.rack,
             "address": c.listen.with_port(self.hosting.shadow_port),
+            "control_address": self.control_address,
             "nbd_address": c.nbd_listen.with_port(c.nbd_listen.port),
             "capacity_bytes": self._space()[0],
             "drive_models": health.drive_models(self.smart),
@@ -169,6 +184,7 @@ class Agent:
     def health(self) -> dict[str, Any]:
         return {
             "used_bytes": self._space()[1],
+            "io_window": self.volume_probe.window(),
             **self.metrics.health(),
             "smart": self.smart,
             "hosted": self.hosting.report(),

@@ -110,6 +110,7 @@ class Child:
         self.restarts = 0
         self.last_error = ""
         self._backoff, self._next_start, self._started = BACKOFF_MIN_S, 0.0, 0.0
+        self._asked_to_end = False  # terminate(): its exit is no failure
 
     @property
     def state(self) -> str:
@@ -130,6 +131,9 @@ class Child:
             return
         stop(self.proc)
         self.proc, self.ready, self.url = None, None, None
+        if self._asked_to_end:
+            self._asked_to_end, self._next_start = False, now
+            return
         if now - self._started > STABLE_S:
             self._backoff = BACKOFF_MIN_S
         self.restarts += 1
@@ -148,6 +152,15 @@ class Child:
         log.info("starting %s: %s", self.name, " ".join(argv))
         self.proc, self._started = spawn(argv), now
         self.ready = ReadyLine(self.proc)
+
+    def terminate(self) -> subprocess.Popen | None:
+        """SIGTERM it without waiting; the next tick after it exited starts it again (no
+        backoff, not counted as a restart). The process, to wait for if need be."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            self._asked_to_end = True
+            proc.terminate()
+        return proc
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -11,16 +11,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from shadowblk.agent import switch
 from shadowblk.agent.children import SHADOWBLK, Child
+from shadowblk.agent.roles import RoleChanges, control_socket, shadow_servers
+from shadowblk.nbd.replication import StatusUnavailable, read_status
 
 log = logging.getLogger(__name__)
+
+STOP_DRAIN_S = 2  # a stopping primary's wait for its shadows (a fenced one has shipped all)
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,6 @@ class Endpoint:
         return f"{host}:{port}"
 
 
-def _shadows(volume: dict[str, Any]) -> list[str]:
-    """The shadow servers of a volume document."""
-    return [s["server"] for s in volume.get("shadows", [])]
-
-
 def url_port(url: str) -> int:
     """The port of a `ready` URL such as nbd://127.0.0.1:10809/v1."""
     return urlsplit(url).port or 0
@@ -61,8 +64,9 @@ class Replication:
     shadow_address: Callable[[str], str]  # server name -> its shadow HOST:PORT (LookupError)
 
 
-class Hosting:
-    """What this agent hosts, persisted, and the supervised children serving it."""
+class Hosting(RoleChanges):
+    """What this agent hosts, persisted, and the supervised children serving it (the
+    switchover's role changes and the write leases: RoleChanges)."""
 
     def __init__(
         self, data_dir: Path, listen: Endpoint, nbd_listen: Endpoint, replication: Replication
@@ -77,6 +81,17 @@ class Hosting:
         self.volumes: dict[str, dict[str, Any]] = saved.get("volumes", {})
         self.shadow_port: int = saved.get("shadow_port") or listen.port
         self.listen = listen
+        self.lock = threading.RLock()  # the loop's ticks and orders, the control endpoint's calls
+        self.leases: dict[str, float] = {}  # volume -> monotonic end of its write lease
+        self.lease_until = 0.0  # what the manager's last answered heartbeat granted
+        self._leased: dict[str, float] = {}  # what each running `serve` was last told
+        self.standby: dict[str, Child] = {}  # shadows about to be promoted, `serve --standby`
+        self.restart_shadow_server = False
+        self.shadow_held_until = 0.0  # monotonic: the shadow server stays stopped until then
+        self.wake = threading.Event()  # set: the agent's loop ticks at once
+        self.calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._starter = threading.Thread(target=self._run_calls, name="starter", daemon=True)
+        self._starter.start()
         self.shadow_child = Child("shadow server", self._shadow_argv)
         self.children: dict[str, Child] = {
             name: self._primary_child(name)
@@ -115,10 +130,9 @@ class Hosting:
         ]  # fmt: skip
 
     def _primary_child(self, name: str) -> Child:
-        return Child(f"primary {name}", lambda: self._serve_argv(name))
+        return Child(f"primary {name}", lambda: self._serve_argv(name, self.volumes[name]))
 
-    def _serve_argv(self, name: str) -> list[str]:
-        rec = self.volumes[name]
+    def _serve_argv(self, name: str, rec: dict[str, Any], standby: bool = False) -> list[str]:
         volume = rec["volume"]
         if rec.get("port") is None and self.nbd_listen.port:
             rec["port"] = self._free_port()  # taken now, so the next volume gets another
@@ -129,8 +143,14 @@ class Hosting:
             "--size", str(volume["size_bytes"]),
             "--block-size", str(volume["block_size"]),
             "--state-dir", str(self.primaries_dir / f"{name}.state"),
+            "--control-socket", str(control_socket(self.primaries_dir, name)),
+            "--lease", f"{self.lease_left(name):.3f}",
+            "--generation", str(volume.get("generation", 1)),
+            "--drain-timeout", str(STOP_DRAIN_S),
         ]  # fmt: skip
-        shadows = _shadows(volume)
+        if standby:
+            argv.append("--standby")
+        shadows = shadow_servers(volume)
         if self.replication.supported and shadows:
             for server in shadows:
                 argv += ["--shadow", self.replication.shadow_address(server)]
@@ -146,50 +166,91 @@ class Hosting:
             port += 1
         return port
 
+    def on_starter(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
+        """FN() on the starter thread, which lives as long as the agent: a child must be started
+        by a thread that does not end, as PR_SET_PDEATHSIG ends a child when the *thread* that
+        started it ends (the control endpoint's threads end after each call)."""
+        done: Future = Future()
+        self.calls.put((fn, done))
+        return done.result(timeout)
+
+    def _run_calls(self) -> None:
+        while True:
+            fn, done = self.calls.get()
+            try:
+                with self.lock:
+                    done.set_result(fn())
+            except BaseException as err:  # handed to the caller's thread
+                done.set_exception(err)
+
     def tick(self, now: float) -> None:
-        """Run every child's supervision step; remember the ports they bound (port 0)."""
-        self.shadow_child.tick(now)
-        if self.shadow_child.url and url_port(self.shadow_child.url) != self.shadow_port:
-            self.shadow_port = url_port(self.shadow_child.url)
-            self.save()
-        for name, child in self.children.items():
-            child.tick(now)
-            rec = self.volumes[name]
-            if child.url and rec.get("port") != url_port(child.url):
-                rec["port"] = url_port(child.url)
+        """Run every child's supervision step; remember the ports they bound (port 0); tell a
+        `serve` that just started its lease."""
+        with self.lock:
+            if self.restart_shadow_server:
+                self.restart_shadow_server = False
+                self.shadow_child.terminate()  # it reads its volumes' states again at start
+            if now >= self.shadow_held_until:
+                self.shadow_child.tick(now)
+            if self.shadow_child.url and url_port(self.shadow_child.url) != self.shadow_port:
+                self.shadow_port = url_port(self.shadow_child.url)
                 self.save()
+            for name, child in self.children.items():
+                child.tick(now)
+                rec = self.volumes[name]
+                if child.url and rec.get("port") != url_port(child.url):
+                    rec["port"] = url_port(child.url)
+                    self.save()
+                if child.url and self._leased.get(name) != self.leases.get(name):
+                    self._push_lease(name)
+            for child in self.standby.values():
+                child.tick(now)
 
     def stop(self) -> None:
         """Stop the primaries first (they ship to shadows), then the shadow server."""
-        for child in self.children.values():
-            child.stop()
-        self.shadow_child.stop()
+        with self.lock:
+            for child in [*self.children.values(), *self.standby.values()]:
+                child.stop()
+            self.shadow_child.stop()
 
     # orders
     def apply(self, order: dict[str, Any]) -> None:
         """Act on one order from the manager and remember that it was read."""
         kind, name, detail = order["kind"], order["subject"], order.get("detail", {})
-        if kind == "host-volume" and detail.get("role") in ("primary", "shadow"):
-            self._host(name, detail["role"], detail["volume"])
-        elif kind == "drop-volume":
-            self._drop(name)
-        else:
-            log.warning("ignoring order %s: not one this agent knows", order.get("order_id"))
-        self.orders_since = max(self.orders_since, order["seq"])
-        self.save()
+        with self.lock:
+            if kind == "host-volume" and detail.get("role") in ("primary", "shadow"):
+                self._host(name, detail["role"], detail["volume"])
+            elif kind == "drop-volume":
+                self._drop(name)
+            else:
+                log.warning("ignoring order %s: not one this agent knows", order.get("order_id"))
+            self.orders_since = max(self.orders_since, order["seq"])
+            self.save()
 
     def _host(self, name: str, role: str, volume: dict[str, Any]) -> None:
         rec = self.volumes.get(name)
-        before = _shadows(rec["volume"]) if rec else []
+        before = shadow_servers(rec["volume"]) if rec else []
+        if rec is not None and rec["volume"].get("generation", 1) > volume.get("generation", 1):
+            log.info("order for %s of an older generation: already past it", name)
+            return
+        if rec is not None and (rec["role"], role) == ("primary", "shadow"):
+            self._demote(name, volume)  # a switchover this agent missed (it was away)
+            return
+        if rec is not None and (rec["role"], role) == ("shadow", "primary"):
+            try:
+                self._promote(name, volume, held=False)  # the manager could not call it
+            except switch.SwitchError as err:  # no valid copy here: never an empty primary
+                log.error("cannot promote %s as ordered: %s", name, err)
+            return
         if rec is not None and rec["role"] != role:
             self._drop(name)  # a role change: the old copy's files are not the new role's
             rec = None
         log.info("hosting %s as %s", name, role)
-        self.volumes[name] = {"role": role, "volume": volume, "port": (rec or {}).get("port")}
+        self.volumes[name] = {**(rec or {}), "role": role, "volume": volume}
         child = self.children.get(name)
         if role == "primary" and child is None:
             self.children[name] = self._primary_child(name)
-        elif child is not None and self.replication.supported and before != _shadows(volume):
+        elif child is not None and self.replication.supported and before != shadow_servers(volume):
             child.stop()  # started again at the next tick, with the new --shadow list
 
     def _drop(self, name: str) -> None:
@@ -208,17 +269,40 @@ class Hosting:
             else:
                 path.unlink(missing_ok=True)
 
+    def _replication(self, name: str) -> dict[str, Any]:
+        """A running primary's view of its shadows: which are in step, what each acknowledged."""
+        try:
+            status = read_status(self.primaries_dir / f"{name}.state")
+        except StatusUnavailable:
+            return {}
+        shadows = {
+            s["address"]: {"in_sync": bool(s["in_sync"]), "acked_epoch": int(s["acked_epoch"])}
+            for s in status.get("shadows", [])
+        }
+        return {"epoch": int(status.get("last_cut_epoch", 0)), "shadows": shadows}
+
     # the heartbeat's view
     def report(self) -> dict[str, dict[str, Any]]:
-        """Each hosted volume's role, endpoint (where to connect) and serving state."""
+        """Each hosted volume's role, endpoint (where to connect), serving state, generation
+        and epoch (a shadow's last applied one)."""
         doc = {}
-        for name, rec in self.volumes.items():
-            child = self.children.get(name) if rec["role"] == "primary" else self.shadow_child
-            assert child is not None
-            entry: dict[str, Any] = {"role": rec["role"], "state": child.state}
-            if child.url:
-                entry["endpoint"] = child.url
-            if child.restarts:
-                entry["restarts"] = child.restarts
-            doc[name] = entry
+        with self.lock:
+            for name, rec in self.volumes.items():
+                child = self.children.get(name) if rec["role"] == "primary" else self.shadow_child
+                entry: dict[str, Any] = {
+                    "role": rec["role"],
+                    "state": child.state if child else "starting",  # None: being demoted
+                }
+                if child and child.url:
+                    entry["endpoint"] = child.url
+                if child and child.restarts:
+                    entry["restarts"] = child.restarts
+                entry["generation"] = rec["volume"].get("generation", 1)
+                if rec["role"] == "shadow" and (
+                    found := switch.shadow_epoch(self.shadows_dir, name)
+                ):
+                    entry["generation"], entry["epoch"] = found
+                if rec["role"] == "primary":
+                    entry.update(self._replication(name))
+                doc[name] = entry
         return doc

@@ -32,10 +32,34 @@ def primary_endpoint(client: Client, volume: str) -> tuple[str, int] | None:
 
 
 class Follower:
-    """Polls the manager and repoints the router when the primary changes."""
+    """Polls the manager and repoints the router when the primary changes; once told its
+    control URL (and given a token), registers it as the volume's attachment so that a
+    switchover pushes the repoint instead of waiting for the next poll."""
 
     def __init__(self, client: Client, volume: str, interval: float = 0.5) -> None:
         self.client, self.volume, self.interval = client, volume, interval
+        self.control_url: str | None = None
+        self._warned = False
+
+    def announce(self, control_url: str) -> None:
+        """The router's control endpoint listens at CONTROL_URL."""
+        self.control_url = control_url
+
+    def register(self) -> None:
+        """Be in the volume's attachments (again: a manager on a new store forgets them)."""
+        if self.control_url is None or not self.client.token:
+            return
+        try:
+            record = self.client.volume(self.volume)
+            if self.control_url not in record.get("attachments", []):
+                path = f"/v1/volumes/{self.volume}/attachments"
+                self.client.call("POST", path, {"control_url": self.control_url})
+                log.info("registered %s with the manager", self.control_url)
+            self._warned = False
+        except ManagerError as exc:
+            if not self._warned:
+                log.warning("cannot register with the manager (following by poll): %s", exc)
+                self._warned = True
 
     async def current(self) -> tuple[str, int] | None:
         try:
@@ -60,6 +84,7 @@ class Follower:
         """Repoint whenever the manager's (endpoint, generation) differs from the router's."""
         while True:
             await asyncio.sleep(self.interval)
+            await asyncio.to_thread(self.register)
             found = await self.current()
             if found is None:
                 continue

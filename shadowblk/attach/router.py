@@ -18,10 +18,13 @@ from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from shadowblk.attach.unflushed import Unflushed, batches
 from shadowblk.attach.upstream import LOST, Done, Target, Upstream, UpstreamError
 from shadowblk.nbd import protocol as P
 
 log = logging.getLogger(__name__)
+
+WRITES = (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM)
 
 # transmission flags the router can pass on to its clients (no DF: no structured replies)
 PASSED_FLAGS = (
@@ -85,6 +88,10 @@ class Router:
         self._first_queued: float | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self._pauses = 0  # the latest pause's number: only it may reopen the gate by itself
+        self.unflushed = Unflushed()
+        self._lost = False  # an upstream was lost: replay the unflushed writes on the next
+        self.replayed = 0
 
     @property
     def paused(self) -> bool:
@@ -113,6 +120,7 @@ class Router:
             return
         self._active += 1
         self._idle.clear()
+        mark = self.unflushed.flush_sent() if cmd == P.CMD_FLUSH else 0
 
         def replied(error: int, data: bytes) -> None:
             self._finished()
@@ -123,6 +131,8 @@ class Router:
                 return
             if error:
                 self.errors += 1
+            else:
+                self._completed(cmd, flags, offset, length, payload, mark)
             done(error, data)
 
         up.send(cmd, flags, offset, length, payload, replied)
@@ -171,6 +181,7 @@ class Router:
                 return
             self._active += 1
             self._idle.clear()
+            mark = self.unflushed.flush_sent() if cmd == P.CMD_FLUSH else 0
             try:
                 error, data = await up.call(cmd, flags, offset, length, payload)
             finally:
@@ -181,8 +192,34 @@ class Router:
                 continue
             if error:
                 self.errors += 1
+            else:
+                self._completed(cmd, flags, offset, length, payload, mark)
             done(error, data)
             return
+
+    def _completed(
+        self, cmd: int, flags: int, offset: int, length: int, payload: bytes, mark: int
+    ) -> None:
+        """Keep a write for replay until a later FLUSH completes (attach/unflushed.py)."""
+        if cmd in WRITES:
+            self.unflushed.completed(cmd, flags, offset, length, payload)
+        elif cmd == P.CMD_FLUSH:
+            self.unflushed.flush_done(mark)
+
+    async def _replay(self, up: Upstream) -> None:
+        """After a lost upstream: the writes answered since the last FLUSH, on UP, in order
+        where it matters: pipelined in batches of writes that do not overlap (unflushed.py)."""
+        if self.unflushed.overflowed_at:
+            log.error("failover with more unflushed writes than kept: some may be lost")
+        for batch in batches(self.unflushed.writes):
+            results = await asyncio.gather(
+                *(up.call(w.cmd, w.flags, w.offset, w.length, w.payload) for w in batch)
+            )
+            for w, (error, _) in zip(batch, results, strict=True):
+                if error:
+                    log.error("replaying a write at %d on %s: error %d", w.offset, up.target,
+                              error)  # fmt: skip
+            self.replayed += len(batch)
 
     async def _wait_open(self, timeout: float) -> bool:
         if self._first_queued is None:
@@ -197,6 +234,8 @@ class Router:
             self._waiting -= 1
 
     def _upstream_lost(self, up: Upstream, why: str) -> None:
+        if up is self.upstream:
+            self._lost = True
         if up is self.upstream and self._open.is_set():
             log.warning("upstream lost, holding requests for up to %.0fs: %s", self.hold_time, why)
             self._open.clear()
@@ -207,8 +246,9 @@ class Router:
         self._upstream_lost(up, f"{up.target} closed the connection")
 
     # --- repoint ----------------------------------------------------------------------------
-    async def repoint(self, uri: str, generation: int) -> Repoint:
+    async def repoint(self, uri: str, generation: int, replay: bool = False) -> Repoint:
         """Move every client to URI without an error; refuses an older GENERATION (I3).
+        REPLAY (or a lost upstream): the writes since the last FLUSH go to URI first.
 
         The new upstream is connected and checked before the gate closes, so the pause is the
         drain alone, and a refused or unreachable upstream costs the clients nothing.
@@ -241,10 +281,14 @@ class Router:
                     self.drain_timeout,
                 )
             drained = time.monotonic()
+            if (self._lost or replay) and self.upstream is not None:
+                await self._replay(new)
+            self._lost = False
             old, self.upstream = self.upstream, new
             if old is None:
                 self.size, self.flags = new.size, new.flags & PASSED_FLAGS
             self.generation = generation
+            self._pauses += 1  # a pause before this repoint is over
             self._spawn(self._watch(new))
             first, self._first_queued = self._first_queued, None
             queued = self._waiting
@@ -264,6 +308,33 @@ class Router:
             )
             log.info("repointed to %s generation %d: %s", new.target, generation, self.last)
             return self.last
+
+    async def pause(self, limit: float) -> float:
+        """Close the gate and wait for the in-flight requests (the fencing period of a planned
+        switchover); the next repoint or resume opens it, or LIMIT seconds do. Drain ms."""
+        started = time.monotonic()
+        self._open.clear()
+        self._pauses += 1
+        number = self._pauses
+        asyncio.get_running_loop().call_later(limit, self._unpause, number)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
+        except TimeoutError:
+            log.warning("in-flight requests did not drain in %.1fs", self.drain_timeout)
+        log.info("paused for a switchover")
+        return (time.monotonic() - started) * 1000
+
+    def _unpause(self, number: int) -> None:
+        if number == self._pauses and not self._open.is_set():
+            log.warning("no repoint came after a pause: resuming on the current upstream")
+            self.resume()
+
+    def resume(self) -> None:
+        """Open the gate on the current upstream (a switchover that did not happen); requests
+        it no longer takes are held again until a repoint."""
+        self._pauses += 1
+        if self.upstream_alive:
+            self._open.set()
 
     def _unfit(self, new: Upstream) -> str:
         """Why NEW cannot replace the current upstream ('' when it can)."""
@@ -295,6 +366,8 @@ class Router:
             "errors": self.errors,
             "retries": self.retries,
             "expired": self.expired,
+            "replayed": self.replayed,
+            "unflushed_bytes": self.unflushed.bytes,
             "repoints": self.repoints,
             "last_repoint": self.last.to_dict() if self.last else None,
         }

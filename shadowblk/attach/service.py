@@ -29,8 +29,10 @@ async def run(
     control: tuple[str, int] | None,
     hold_time: float,
     follow: Callable[[Router], Awaitable[None]] | None = None,
+    control_bound: Callable[[str], None] | None = None,
 ) -> None:
-    """Connect the first upstream (FIRST), then serve until SIGTERM/SIGINT."""
+    """Connect the first upstream (FIRST), then serve until SIGTERM/SIGINT; CONTROL_BOUND
+    learns the control endpoint's URL once it listens."""
     router = Router(hold_time=hold_time)
     await first(router)
 
@@ -49,6 +51,8 @@ async def run(
         site = web.TCPSite(runner, *control)
         await site.start()
         log.info("control endpoint at %s", runner.addresses)
+        if control_bound is not None:
+            control_bound(f"http://{_url(*runner.addresses[0][:2])}")
     follower = asyncio.get_running_loop().create_task(follow(router)) if follow else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

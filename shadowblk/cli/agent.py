@@ -11,6 +11,7 @@ import click
 
 from shadowblk.agent.agent import Agent, Config
 from shadowblk.agent.hosting import Endpoint
+from shadowblk.agent.smart_source import ReplaySmart
 from shadowblk.cli import serve
 from shadowblk.cli.remote import _token
 
@@ -35,6 +36,20 @@ def _hmac_key(given: Path | None, data_dir: Path) -> Path:
         path.chmod(0o600)
         log.warning("no --hmac-key-file: generated %s; give every agent the same key", path)
     return path
+
+
+def _replay(
+    path: Path | None, serial: str | None, speed: float, start: str | None
+) -> ReplaySmart | None:
+    """The --smart-replay source; a file the predictor cannot read is a one-line error."""
+    if path is None:
+        if serial or start:
+            raise click.UsageError("--smart-serial and --replay-start need --smart-replay")
+        return None
+    try:
+        return ReplaySmart(path, serial, speed, start)
+    except ValueError as err:  # DataFormatError, a bad date
+        raise click.BadParameter(str(err), param_hint="--smart-replay") from None
 
 
 def serve_has_shadows() -> bool:
@@ -101,6 +116,33 @@ def serve_has_shadows() -> bool:
     callback=lambda ctx, param, text: _endpoint(ctx, param, text) if text else None,
     help="HOST:PORT to serve Prometheus /metrics on (port 0: any; the log says which).",
 )
+@click.option(
+    "--control-listen",
+    default=None,
+    callback=lambda ctx, param, text: _endpoint(ctx, param, text) if text else None,
+    help="HOST:PORT of the switchover calls from the manager [default: --listen's host, any "
+    "free port]; registered as the server's control_address.",
+)
+@click.option(
+    "--smart-replay",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Report a recorded drive as this server's only disk instead of smartctl: a Backblaze "
+    "daily CSV or the start-stop extract (.csv or .csv.gz), one recorded day at a time.",
+)
+@click.option("--smart-serial", help="The drive to replay, when the file holds several.")
+@click.option(
+    "--replay-speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Recorded days per second of the replay.",
+)
+@click.option(
+    "--replay-start",
+    metavar="YYYY-MM-DD",
+    help="Start the replay at this recorded date (the days before are the disk's history at "
+    "once) [default: the first day].",
+)
 def command(
     manager_url: str,
     token_file: Path | None,
@@ -114,6 +156,11 @@ def command(
     interval: float,
     hmac_key_file: Path | None,
     metrics_listen: Endpoint | None,
+    control_listen: Endpoint | None,
+    smart_replay: Path | None,
+    smart_serial: str | None,
+    replay_speed: float,
+    replay_start: str | None,
 ) -> None:
     """Run a storage server's agent: register, heartbeat with health, host volumes as ordered.
 
@@ -121,6 +168,7 @@ def command(
     primary, restarting a child that dies. Prints `ready agent NAME MANAGER_URL` once registered;
     SIGTERM or SIGINT stop it and its children cleanly.
     """
+    replay = _replay(smart_replay, smart_serial, replay_speed, replay_start)  # bad file: no state
     data_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     if not logging.getLogger().handlers:
@@ -139,6 +187,8 @@ def command(
         hmac_key_file=_hmac_key(hmac_key_file, data_dir),
         serve_has_shadows=serve_has_shadows(),
         metrics_listen=metrics_listen,
+        control_listen=control_listen,
+        smart_replay=replay,
     )
     if not config.serve_has_shadows:
         log.warning("`shadowblk serve` has no --shadow yet: primaries run without replication")

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import uvloop
 
 from shadowblk.attach.follow import Follower
 from shadowblk.attach.router import Refused, Router
 from shadowblk.attach.service import run
+from shadowblk.cli.remote import _token
 from shadowblk.cli.serve import parse_listen
 from shadowblk.manager.client import Client, ManagerError
 
 
 @click.command("attach")
 @click.argument("volume")
-@click.option("--listen", required=True, help="HOST:PORT where the VM's NBD client connects.")
+@click.option("--listen", default=None, help="HOST:PORT where the VM's NBD client connects.")
+@click.option(
+    "--dm",
+    "dm_name",
+    default=None,
+    help="Instead of --listen: /dev/mapper/NAME over the kernel NBD client (see docs/attach.md).",
+)
 @click.option("--upstream", default=None, help="The primary: nbd://HOST:PORT/NAME.")
 @click.option(
     "--manager",
@@ -44,15 +53,24 @@ from shadowblk.manager.client import Client, ManagerError
     type=click.FloatRange(0.1, 3600),
     help="Seconds a request is held without an upstream before the client gets EIO.",
 )
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The manager's bearer token, to register --control so that switchovers push the "
+    "repoint [else env SHADOWBLK_TOKEN]; without one, --manager is followed by polling only.",
+)
 def command(
     volume: str,
-    listen: str,
+    listen: str | None,
+    dm_name: str | None,
     upstream: str | None,
     manager_url: str | None,
     poll: float,
     generation: int,
     control: str | None,
     hold_time: float,
+    token_file: Path | None,
 ) -> None:
     """Serve VOLUME over NBD at --listen, forwarding to --upstream or to the primary the
     manager names (--manager).
@@ -60,15 +78,25 @@ def command(
     Prints `ready nbd://HOST:PORT/VOLUME` once it accepts clients. `POST /repoint
     {"uri": "nbd://...", "generation": N}` on --control moves every client to another upstream:
     they see a pause, never an error. SIGTERM or SIGINT stop it.
+
+    --dm NAME instead of --listen: /dev/mapper/NAME, dm-linear over the kernel NBD client
+    connected to --upstream; a repoint is a device-mapper table swap (`ready /dev/mapper/NAME
+    over /dev/nbdX`).
     """
     if (upstream is None) == (manager_url is None):
         raise click.UsageError("give exactly one of --upstream and --manager")
+    if (listen is None) == (dm_name is None):
+        raise click.UsageError("give exactly one of --listen and --dm")
+    if dm_name is not None:
+        _kernel(dm_name, upstream, generation, control)
+        return
+    assert listen is not None
     where = parse_listen(listen)
     control_at = parse_listen(control) if control else None
     follower = None
     if manager_url is not None:
         try:
-            follower = Follower(Client(manager_url), volume, poll)
+            follower = Follower(Client(manager_url, _token(token_file)), volume, poll)
         except ManagerError as exc:
             raise click.BadParameter(str(exc), param_hint="--manager") from None
 
@@ -82,7 +110,21 @@ def command(
             raise click.ClickException(str(exc)) from None
 
     follow = follower.run if follower is not None else None
+    bound = follower.announce if follower is not None else None
     try:
-        uvloop.run(run(volume, where, first, control_at, hold_time, follow))
+        uvloop.run(run(volume, where, first, control_at, hold_time, follow, bound))
     except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _kernel(name: str, upstream: str | None, generation: int, control: str | None) -> None:
+    """--dm: the device-mapper table swap instead of the userspace router."""
+    from shadowblk.attach import kernel_service
+
+    if upstream is None:
+        raise click.UsageError("--dm needs --upstream (--manager is for the router only, yet)")
+    control_at = parse_listen(control) if control else None
+    try:
+        uvloop.run(kernel_service.run(name, upstream, generation, control_at))
+    except (OSError, Refused) as exc:
         raise click.ClickException(str(exc)) from None

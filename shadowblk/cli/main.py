@@ -29,6 +29,8 @@ COMMANDS = {
     "agent": "agent",
     "lab": "lab",
     "attach": "attach",
+    "switchover": "switchover",
+    "track": "track",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 
 import click
@@ -21,6 +22,14 @@ def _store_url(text: str) -> str:
         log.warning("using the first etcd endpoint only: %s", first)
         return f"etcd://{first}"
     return text
+
+
+def _duration(text: str) -> float:
+    """'90', '90s', '10m', '1h' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 10m or 1h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
 @click.command("manager")
@@ -54,9 +63,10 @@ def _store_url(text: str) -> str:
 @click.option(
     "--heartbeat-timeout",
     type=click.FloatRange(min=0.5),
-    default=6.0,
+    default=2.0,
     show_default=True,
-    help="Seconds without a heartbeat before a server is marked down (3 missed 2 s beats).",
+    help="Seconds without a heartbeat before a server is marked down; also the primaries' "
+    "write lease: an emergency switchover promotes a shadow once it has run out.",
 )
 @click.option(
     "--lease-ttl",
@@ -64,6 +74,32 @@ def _store_url(text: str) -> str:
     default=3,
     show_default=True,
     help="Leader lease in seconds (etcd): a standby takes over about this long after a death.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The SMART failure model (`shadowblk predict train`, `make smart-model`) that scores "
+    "the disks the agents report [default: none, SMART is not scored].",
+)
+@click.option(
+    "--preempt-threshold",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="A server's failure probability at which its primaries are moved, once sustained.",
+)
+@click.option(
+    "--preempt-sustain",
+    callback=lambda ctx, param, text: _duration(text),
+    default="1h",
+    show_default=True,
+    help="How long the probability must stay at or over the threshold (30s, 10m, 1h).",
+)
+@click.option(
+    "--preempt-dry-run",
+    is_flag=True,
+    help="Only record and log what the predictor would move (event failure-preempt).",
 )
 def command(
     store_url: str,
@@ -73,6 +109,10 @@ def command(
     state_dir: Path,
     heartbeat_timeout: float,
     lease_ttl: int,
+    model_path: Path | None,
+    preempt_threshold: float,
+    preempt_sustain: float,
+    preempt_dry_run: bool,
 ) -> None:
     """Run the manager: the HTTP API (GET /openapi.json describes it) over the store.
 
@@ -82,9 +122,22 @@ def command(
     from shadowblk.manager.api import make_app
     from shadowblk.manager.app import Manager, serve
     from shadowblk.manager.auth import TokenError, generated_token, read_token
+    from shadowblk.manager.risk import RiskMonitor, RiskSettings
     from shadowblk.manager.store import StoreError
+    from shadowblk.predict.model import Model
+    from shadowblk.predict.trigger import TriggerSettings
 
     host, port = parse_listen(listen)
+    try:
+        model = Model.load(model_path) if model_path is not None else None
+        trigger = TriggerSettings(
+            threshold=preempt_threshold,
+            sustain_seconds=preempt_sustain,
+            rearm_below=preempt_threshold * 0.8,
+            dry_run=preempt_dry_run,
+        )
+    except (ValueError, OSError) as err:  # ModelFileError is a ValueError
+        raise click.ClickException(str(err)) from None
     try:
         if token_file is not None:
             token = read_token(token_file)
@@ -97,6 +150,7 @@ def command(
         manager = Manager(_store_url(store_url), heartbeat_timeout, lease_ttl)
     except (StoreError, OSError) as err:
         raise click.ClickException(f"cannot open the store {store_url}: {err}") from None
+    manager.fleet.assess = RiskMonitor(manager.store, model, RiskSettings(trigger)).assess
     try:
         asyncio.run(serve(manager, make_app(manager, token), host, port, advertise))
     except OSError as err:

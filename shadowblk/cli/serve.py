@@ -18,10 +18,14 @@ from shadowblk.delta.primary_state import PrimaryStateError
 from shadowblk.delta.replicator import Replicator
 from shadowblk.delta.volume_state import VOLUME_ID
 from shadowblk.integrity.checksum_map import MapBusyError
+from shadowblk.integrity.live_scrub import LiveVolume
+from shadowblk.nbd import slowdisk
 from shadowblk.nbd.backend import Backend, VolumeError
 from shadowblk.nbd.checksums import ChecksumObserver
+from shadowblk.nbd.fence import ControlSocket, Fence
 from shadowblk.nbd.handshake import Export
 from shadowblk.nbd.replication import ReplicationObserver
+from shadowblk.nbd.scrub_control import open_endpoint
 from shadowblk.nbd.server import NBDServer
 from shadowblk.nbd.tls import TLSConfigError, server_context
 from shadowblk.tracking.tracker import StateError, WriteTracker
@@ -239,8 +243,23 @@ def replication_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "--checksums/--no-checksums",
     default=None,
     help="Keep a crc32c per block in STATE_DIR/checksums.map for `shadowblk verify` and "
-    "scrub [default: on with --shadow, off otherwise: while it is on, every request runs in "
-    "the Python loop instead of the native one].",
+    "scrub [default: on with --shadow, off otherwise: it costs a crc32c per written block].",
+)
+@click.option(
+    "--control-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Unix socket through which the agent fences this primary (docs/switchover.md).",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(0),
+    default=None,
+    help="Refuse writes after this many seconds unless the lease is renewed (--control-socket).",
+)
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="Wait for `go` on --control-socket before opening PATH (a shadow about to be promoted).",
 )
 @replication_options
 def command(
@@ -257,6 +276,9 @@ def command(
     tls_ca: Path | None,
     tls_verify_clients: bool,
     checksums: bool | None,
+    control_socket: Path | None,
+    lease: float | None,
+    standby: bool,
     replication: Replication,
 ) -> None:
     """Export PATH (a regular file or block device) over NBD, tracking every write.
@@ -280,13 +302,25 @@ def command(
         checksums = bool(replication.shadows)
     if checksums and (state_dir is None or read_only):
         raise click.UsageError("--checksums needs --state-dir (and a writable export)")
+    if (lease is not None or standby) and control_socket is None:
+        raise click.UsageError("--lease and --standby need --control-socket")
+    fence = Fence(lease) if control_socket is not None else None
+    control = ControlSocket(control_socket, fence) if control_socket and fence else None
+    if standby and control is not None:
+        log.info("standby: waiting for go on %s", control_socket)
+        control.go.wait()
     try:
         tls = (
             server_context(tls_cert, tls_key, tls_ca, tls_verify_clients)
             if tls_cert and tls_key
             else None
         )
-        backend = Backend.open(path, nbytes, read_only)
+        slow = slowdisk.from_environment()  # test-only: a slow backing store
+        backend = (
+            slowdisk.open_slow(path, nbytes, read_only, slow)
+            if slow
+            else Backend.open(path, nbytes, read_only)
+        )
     except (TLSConfigError, VolumeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -309,14 +343,19 @@ def command(
         )
 
         def on_quiet() -> None:
+            if scrubs is not None:  # first: a running scrub stops before what it uses closes
+                scrubs.close()
             try:
-                if observer is not None:
-                    observer.close(replication.drain_timeout)
+                if observer is not None:  # a fenced primary shipped its last epoch already
+                    fenced = fence is not None and fence.fenced_for_good
+                    observer.close(0.0 if fenced else replication.drain_timeout)
             finally:
                 if crc_observer is not None:
                     crc_observer.close()
 
-        server = NBDServer(export, host, port, tls=tls, tracker=tracker, on_quiet=on_quiet)
+        server = NBDServer(
+            export, host, port, tls=tls, tracker=tracker, on_quiet=on_quiet, native=not slow
+        )
     except (StateError, PrimaryStateError, MapBusyError, ValueError, OSError) as exc:
         backend.close()
         raise click.ClickException(str(exc)) from None
@@ -327,6 +366,19 @@ def command(
     if crc_observer is not None and tracker is not None:
         tracker.observers.append(crc_observer)  # after the replicator: a fenced write is not
         # made, so it must not reach the map either
+    if fence is not None and tracker is not None:
+        fence.tracker, fence.replication = tracker, observer
+        tracker.observers.insert(0, fence)  # first: a refused write reaches no shadow
+    scrubs = (  # STATE_DIR/scrub.sock: `shadowblk scrub --state-dir` (docs/integrity.md)
+        open_endpoint(
+            state_dir,
+            LiveVolume(export_name, tracker, backend, crc_observer.map),
+            replication.key,
+            replication.tls,
+        )
+        if crc_observer is not None and tracker is not None and state_dir is not None
+        else None
+    )
     server.install_signal_handlers()
     click.echo(f"ready {server.url}")
     sys.stdout.flush()

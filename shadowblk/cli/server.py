@@ -11,6 +11,7 @@ import click
 from shadowblk.cli.fleet_text import size, table
 from shadowblk.cli.output import emit, json_option
 from shadowblk.cli.remote import with_client
+from shadowblk.cli.switchover import SWITCHOVER_TIMEOUT_S, describe
 from shadowblk.manager.client import Client
 
 
@@ -66,3 +67,21 @@ def list_(client: Client, as_json: bool) -> None:
 def show(client: Client, name: str, as_json: bool) -> None:
     """One server and its last health report."""
     emit(client.server(name), as_json, _show)
+
+
+@command.command("drain")
+@click.argument("name")
+@click.option("--reason", default="drain", show_default=True, help="Recorded with each move.")
+@json_option
+@with_client
+def drain(client: Client, name: str, reason: str, as_json: bool) -> None:
+    """Mark server NAME draining and switch every primary on it over to a shadow (planned)."""
+    client.timeout_s = SWITCHOVER_TIMEOUT_S * 10  # one switchover after the other
+    doc = client.call("POST", f"/v1/servers/{name}/drain", {"reason": reason})
+    emit(
+        doc,
+        as_json,
+        lambda d: "\n".join(describe(r) for r in d["switchovers"]) or f"no primary on {name}",
+    )
+    if any(r["outcome"] != "succeeded" for r in doc["switchovers"]):
+        raise SystemExit(1)

@@ -40,7 +40,7 @@ async def _serve(
 ) -> None:
     verifier = None
     if verify is not None:  # bound first: `ready` means both ports answer
-        service = tree_service.TreeService(server.data_dir, server.key, server.tls)
+        service = tree_service.TreeService(server.data_dir, server.key, server.tls, server.devices)
         verifier = await tree_service.start(service, *verify)
         log.info("verify port: verify://%s:%d", verify[0], verifier.sockets[0].getsockname()[1])
     listener = await asyncio.start_server(server.handle, host, port, ssl=server.tls)

@@ -17,6 +17,8 @@ from shadowblk.cli.output import emit, json_option
 from shadowblk.cli.remote import with_client
 from shadowblk.manager.client import Client
 
+RECENT = 5  # switchovers shown
+
 
 def _fleet(doc: dict[str, Any]) -> str:
     leader = doc["leader"]
@@ -34,6 +36,14 @@ def _fleet(doc: dict[str, Any]) -> str:
     ]  # fmt: skip
     if volumes["degraded"]:
         lines.append(f"degraded  {', '.join(volumes['degraded'])}")
+    for r in doc.get("switchovers", []):
+        pause = r.get("pause_seconds")
+        took = f", pause {pause * 1000:.1f} ms" if pause is not None else ""
+        kind = "planned" if r.get("planned") else "emergency"
+        lines.append(
+            f"switchover {r['volume']} {r.get('from', '?')} -> {r.get('to', '?')} "
+            f"{r['outcome']} ({kind}{took}): {r.get('reason') or r.get('error', '')}"
+        )
     return "\n".join(lines)
 
 
@@ -71,7 +81,8 @@ def command(client: Client, as_json: bool, state_dir: Path | None) -> None:
     """The fleet: leader, servers up and down, degraded volumes, capacity. With --state-dir:
     one primary's shadows (connected, in sync or resyncing, lag, acknowledged epoch)."""
     if state_dir is None:
-        emit(client.status(), as_json, _fleet)
+        recent = client.call("GET", "/v1/switchovers", limit=RECENT)["switchovers"]
+        emit({**client.status(), "switchovers": recent}, as_json, _fleet)
         return
     from shadowblk.nbd.replication import StatusUnavailable, read_status
 

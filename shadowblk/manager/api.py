@@ -22,6 +22,7 @@ from shadowblk.manager.app import Manager
 from shadowblk.manager.auth import require_bearer
 from shadowblk.manager.dashboard import routes as dashboard
 from shadowblk.manager.dashboard.observer import Observer
+from shadowblk.manager.switchover import Switchovers
 
 MAX_BODY = 64 * 1024  # the largest request body: a heartbeat with SMART data fits many times
 EVENTS_LIMIT = 100
@@ -99,6 +100,37 @@ class Api:
         event = await self.manager.run(fleet.report_switchover, name, body)
         return web.json_response(event, status=201)
 
+    async def switchover(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        fence = await self._may_change(request)
+        body = await _body(request, "SwitchoverRequest")
+        reason = body.get("reason", "operator")
+        switchovers = self.manager.switchovers
+        return web.json_response(await switchovers.planned(name, body.get("to"), reason, fence))
+
+    async def drain_server(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        await self._may_change(request)
+        body = await _body(request, "DrainRequest")
+        records = await self.manager.drain_server(name, body.get("reason", "drain"))
+        return web.json_response({"switchovers": records})
+
+    async def list_switchovers(self, request: web.Request) -> web.Response:
+        volume = request.query.get("volume")
+        if volume is not None:
+            check("Name", volume, "volume")
+        limit = _query_int(request, "limit", EVENTS_LIMIT, 1, 1000)
+        found = await self.manager.run(self.manager.fleet.switchovers, volume, limit)
+        return web.json_response({"switchovers": found})
+
+    async def attach(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        await self._may_change(request)
+        body = await _body(request, "Attachment")
+        fleet = self.manager.fleet
+        volume = await self.manager.run(fleet.attach, name, body["control_url"])
+        return web.json_response(volume, status=201)
+
     async def list_volumes(self, request: web.Request) -> web.Response:
         return web.json_response({"volumes": await self.manager.run(self.manager.fleet.volumes)})
 
@@ -139,6 +171,7 @@ class Api:
 def make_app(manager: Manager, token: str) -> web.Application:
     """The aiohttp application serving MANAGER's API; changes need TOKEN."""
     api = Api(manager, token)
+    manager.switchovers = Switchovers(manager, token)
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
     app.add_routes(
         [
@@ -153,6 +186,10 @@ def make_app(manager: Manager, token: str) -> web.Application:
             web.delete("/v1/volumes/{name}", api.delete_volume),
             web.get("/v1/volumes/{name}/placement", api.explain),
             web.post("/v1/volumes/{name}/switchover-results", api.report_switchover),
+            web.post("/v1/volumes/{name}/switchover", api.switchover),
+            web.post("/v1/volumes/{name}/attachments", api.attach),
+            web.post("/v1/servers/{name}/drain", api.drain_server),
+            web.get("/v1/switchovers", api.list_switchovers),
             web.get("/v1/status", api.status),
             web.get("/v1/events", api.events),
         ]

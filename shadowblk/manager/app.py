@@ -25,6 +25,7 @@ from shadowblk.manager.api_errors import ApiError
 from shadowblk.manager.leader import LeaderElection, election_for
 from shadowblk.manager.service import Fleet
 from shadowblk.manager.store import open_store
+from shadowblk.manager.switchover import Switchovers
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ class Manager:
         self.heartbeat_timeout_s, self.lease_ttl_s = heartbeat_timeout_s, lease_ttl_s
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="store")
         self.store = self._pool.submit(open_store, store_url).result()
-        self.fleet = Fleet(self.store)
+        self.fleet = Fleet(self.store, lease_s=heartbeat_timeout_s)
+        self.switchovers: Switchovers | None = None  # given by the API (it holds the token)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.url = ""
         self.election: LeaderElection | None = None
         self._tasks: list[asyncio.Task] = []
@@ -69,6 +72,7 @@ class Manager:
         """Campaign under URL (the address other managers and clients are sent to): once at
         once, so that a lone manager leads when it says it is ready, then in the background."""
         self.url = url
+        self._loop = asyncio.get_running_loop()
         self.election = await self.run(election_for, self.store, url, self.lease_ttl_s)
         await self._leadership_round()
         self._tasks.append(asyncio.create_task(self._lead(), name="leadership"))
@@ -104,9 +108,32 @@ class Manager:
                 ):
                     log.warning("server %s is down: no heartbeat for %.1f s", name,
                                 self.heartbeat_timeout_s)  # fmt: skip
+                if self.switchovers is not None and self.election and self.election.token:
+                    await self.switchovers.watch(self.election.token)
             except Exception:
                 log.exception("heartbeat watch round failed")
             await asyncio.sleep(min(1.0, self.heartbeat_timeout_s / 3))
+
+    async def drain_server(self, name: str, reason: str) -> list[dict[str, Any]]:
+        """Planned switchover of every primary on server NAME; one record per volume (also in
+        the store). ApiError 503 on a standby."""
+        assert self.switchovers is not None
+        return await self.switchovers.drain(name, reason, await self.fence())
+
+    def start_drain(self, name: str, reason: str) -> None:
+        """drain_server from any thread, without waiting (the failure predictor calls it from
+        the store thread, which the drain itself needs): the outcome is logged and recorded."""
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._drain_logged(name, reason), self._loop)
+
+    async def _drain_logged(self, name: str, reason: str) -> None:
+        try:
+            records = await self.drain_server(name, reason)
+        except Exception:
+            log.exception("drain of %s failed", name)
+            return
+        log.warning("drained %s (%s): %s", name, reason,
+                    [(r["volume"], r["outcome"]) for r in records])  # fmt: skip
 
     async def _stop_watch(self) -> None:
         if self._watch is not None:
@@ -118,6 +145,8 @@ class Manager:
     async def close(self) -> None:
         """Stop campaigning, hand the leadership over at once, close the store."""
         await self._stop_watch()
+        if self.switchovers is not None:
+            await self.switchovers.close()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from shadowblk.manager.api_errors import ApiError
 from shadowblk.manager.placement import Decision, Policy, decide, judge_all, pick, place
-from shadowblk.manager.store import NotFound, Store
+from shadowblk.manager.store import GenerationConflict, NotFound, Store
 from shadowblk.manager.store.model import (
     Event,
     Mode,
@@ -26,6 +27,7 @@ from shadowblk.manager.store.model import (
     Shadow,
     ShadowState,
     Volume,
+    switched,
 )
 
 
@@ -43,6 +45,7 @@ HEALTH_KEYS = (
     "failure",
     "volumes",
     "hosted",
+    "io_window",
 )
 
 
@@ -79,8 +82,11 @@ def round_up(size: int, block: int) -> int:
 class Fleet:
     """The API's operations on one store."""
 
-    def __init__(self, store: Store, policy: Policy | None = None) -> None:
+    def __init__(self, store: Store, policy: Policy | None = None, lease_s: float = 6.0) -> None:
         self.store, self.policy = store, policy or Policy()
+        # the failure predictor (manager/risk.py): heartbeat -> its `failure` document
+        self.assess: Callable[[str, dict[str, Any], float], dict[str, Any]] | None = None
+        self.lease_s = lease_s  # how long a heartbeat's answer lets a primary accept writes
 
     # reads
     def _server_view(self, server: Server, placed: Counter[str]) -> dict[str, Any]:
@@ -159,6 +165,7 @@ class Fleet:
             rack=body["rack"],
             address=body.get("address", ""),
             nbd_address=body.get("nbd_address", ""),
+            control_address=body.get("control_address", ""),
             capacity_bytes=body["capacity_bytes"],
             drive_models=body.get("drive_models", []),
             last_heartbeat=now,
@@ -184,6 +191,8 @@ class Fleet:
             ) from None
         server.used_bytes = body["used_bytes"]
         server.io_load = body.get("io_load", server.io_load)
+        if self.assess is not None:
+            body = {**body, "failure": self.assess(name, body, now)}
         server.health = {k: body[k] for k in HEALTH_KEYS if k in body}
         if "failure" in body:
             server.failure_probability = body["failure"]["probability"]
@@ -192,12 +201,51 @@ class Fleet:
             server.state = ServerState.UP
             self.store.append_event(Event("server-up", name, {"reason": "heartbeat"}))
         self.store.put_server(server)
+        self._shadow_states(name, server.health.get("hosted") or {})
         orders = [
             e.to_dict()
             for e in self.store.events(body.get("orders_since", 0))
             if e.order_id is not None and e.detail.get("server") == name
         ]
-        return {"server": self.server(name), "orders": orders}
+        leases = {v.name: v.generation for v in self.store.list_volumes() if v.primary == name}
+        return {
+            "server": self.server(name),
+            "orders": orders,
+            "leases": leases,
+            "lease_s": self.lease_s,
+        }
+
+    def _shadow_states(self, name: str, hosted: dict[str, Any]) -> None:
+        """Follow the shadows' states as the primary NAME's shipper reports them: in step, or
+        catching up (a stale shadow stays stale until it is in step again)."""
+        addresses = {s.name: s.address for s in self.store.list_servers()}
+        for vname, entry in hosted.items():
+            seen = entry.get("shadows")
+            if entry.get("role") != "primary" or not seen:
+                continue
+            try:
+                volume = self.store.get_volume(vname)
+            except NotFound:
+                continue
+            if volume.primary != name or entry.get("generation") != volume.generation:
+                continue
+            changed = False
+            for shadow in volume.shadows:
+                report = seen.get(addresses.get(shadow.server, ""))
+                if report is None:
+                    continue
+                if report["in_sync"]:
+                    state = ShadowState.IN_SYNC
+                else:
+                    state = (
+                        ShadowState.STALE
+                        if shadow.state is ShadowState.STALE
+                        else ShadowState.SYNCING
+                    )
+                if state is not shadow.state:
+                    shadow.state, changed = state, True
+            if changed:
+                self.store.put_volume(volume)
 
     def create_volume(self, body: dict[str, Any], fence: int) -> dict[str, Any]:
         """Place, persist, log and order a new volume; Refused if it cannot be placed."""
@@ -296,3 +344,145 @@ class Fleet:
                 )
                 down.append(server.name)
         return down
+
+    # switchovers (the steps between them run in manager/switchover.py, off this thread)
+    def plan_switchover(self, name: str, to: str | None) -> dict[str, Any]:
+        """Who hands VOLUME over to whom, and how to reach them; Refused if it cannot be now."""
+        volume = self.store.get_volume(name)
+        servers = {s.name: s for s in self.store.list_servers()}
+        old = servers.get(volume.primary)
+        if old is None or old.state is ServerState.DOWN or not old.control_address:
+            raise Refused(
+                409,
+                f"{name}: its primary {volume.primary} is not up with a control address: "
+                "an emergency switchover takes over when it times out",
+            )
+        target = self._target(volume, servers, to, in_step=True)
+        return {"volume": volume.to_dict(), "from": old.name, "to": target.name,
+                "from_control": old.control_address, "to_control": target.control_address,
+                "after": switched(volume, target.name)[0].to_dict()}  # fmt: skip
+
+    def _target(
+        self, volume: Volume, servers: dict[str, Server], to: str | None, in_step: bool
+    ) -> Server:
+        """TO if it holds a usable shadow of VOLUME, else the up shadow at the highest epoch.
+        IN_STEP (planned): only a shadow the primary reports in step; otherwise (emergency) any
+        that is not stale."""
+        usable = []
+        for shadow in volume.shadows:
+            server = servers.get(shadow.server)
+            report = (server.health.get("hosted") or {}).get(volume.name, {}) if server else {}
+            if (
+                server is not None
+                and server.state is not ServerState.DOWN
+                and (server.state is ServerState.UP or not in_step)  # planned: not draining
+                and server.control_address
+                and shadow.state is not ShadowState.STALE
+                and (shadow.state is ShadowState.IN_SYNC or not in_step)
+                and report.get("role") == "shadow"
+                and report.get("generation") == volume.generation
+                and report.get("epoch", 0) > 0
+            ):
+                usable.append((report["epoch"], server))
+        if to is not None:
+            if to not in servers:
+                raise Refused(404, f"to: no server {to!r} is registered")
+            chosen = [s for _, s in usable if s.name == to]
+            if not chosen:
+                raise Refused(409, f"{to} holds no shadow of {volume.name} that can be promoted "
+                              "now (up, in step, at the current generation)")  # fmt: skip
+            return chosen[0]
+        if not usable:
+            raise Refused(409, f"{volume.name} has no shadow that can be promoted now (up, in "
+                          "step, at the current generation, with an applied epoch)")  # fmt: skip
+        return max(usable, key=lambda pair: pair[0])[1]
+
+    def raise_generation(self, name: str, target: str, expected: int) -> dict[str, Any]:
+        """The compare-and-swap of I3: TARGET becomes the primary; 409 if another change won."""
+        try:
+            self.store.set_volume_primary(name, target, expected)
+        except GenerationConflict as err:
+            raise Refused(409, str(err)) from None
+        return self.store.get_volume(name).to_dict()
+
+    def orphaned(self) -> list[str]:
+        """The volumes whose primary's server is down."""
+        down = {s.name for s in self.store.list_servers() if s.state is ServerState.DOWN}
+        return [v.name for v in self.store.list_volumes() if v.primary in down]
+
+    def plan_emergency(self, name: str) -> dict[str, Any] | None:
+        """VOLUME's takeover plan if its primary's server is down (Refused: no shadow can)."""
+        volume = self.store.get_volume(name)
+        servers = {s.name: s for s in self.store.list_servers()}
+        old = servers.get(volume.primary)
+        if old is None or old.state is not ServerState.DOWN:
+            return None
+        target = self._target(volume, servers, None, in_step=False)
+        return {
+            "volume": volume.to_dict(),
+            "from": old.name,
+            "to": target.name,
+            "to_control": target.control_address,
+            "silent_since": old.last_heartbeat,
+            "after": switched(volume, target.name)[0].to_dict(),
+        }
+
+    def take_over(
+        self, name: str, target: str, expected: int, silent_since: float
+    ) -> dict[str, Any]:
+        """Raise the generation for TARGET only if the old primary's server is still silent
+        since SILENT_SINCE: a heartbeat meanwhile renewed its lease, and it keeps the volume."""
+        volume = self.store.get_volume(name)
+        old = self.store.get_server(volume.primary)
+        if old.state is not ServerState.DOWN or old.last_heartbeat != silent_since:
+            raise Refused(409, f"{volume.primary} answered again: {name} stays where it is")
+        return self.raise_generation(name, target, expected)
+
+    def finish_switchover(self, record: dict[str, Any], fence: int) -> dict[str, Any]:
+        """Order every server of the volume to its new role (the same decision the switchover
+        carried out, for an agent that missed it), and record how it went."""
+        volume = self.store.get_volume(record["volume"])
+        event = Event("switchover-result", volume.name, record)
+        event.seq = self.store.append_event(event)
+        if (volume.primary, volume.generation) == (record["to"], record.get("generation")):
+            roles = [(volume.primary, "primary")]
+            roles += [(s, "shadow") for s in volume.shadow_servers()]
+            self._order("host-volume", volume, event.seq, roles, fence)
+        return event.to_dict()
+
+    def switchovers(self, volume: str | None, limit: int) -> list[dict[str, Any]]:
+        """The latest LIMIT switchover records (of VOLUME), newest last."""
+        found = [
+            {**e.detail, "seq": e.seq, "at": e.at}
+            for e in self.store.events(0)
+            if e.kind == "switchover-result" and volume in (None, e.subject)
+            and "volume" in e.detail
+        ]  # fmt: skip
+        return found[-limit:]
+
+    def primaries_on(self, name: str) -> list[str]:
+        """The volumes whose primary SERVER holds (what draining it moves away)."""
+        self.store.get_server(name)
+        return [v.name for v in self.store.list_volumes() if v.primary == name]
+
+    def set_draining(self, name: str) -> None:
+        server = self.store.get_server(name)
+        if server.state is not ServerState.DRAINING:
+            server.state = ServerState.DRAINING
+            self.store.put_server(server)
+            self.store.append_event(Event("server-draining", name, {}))
+
+    def attach(self, name: str, control_url: str) -> dict[str, Any]:
+        """Remember an `attach` router of VOLUME, so switchovers repoint it at once."""
+        volume = self.store.get_volume(name)
+        if control_url not in volume.attachments:
+            volume.attachments.append(control_url)
+            self.store.put_volume(volume)
+        return volume.to_dict()
+
+    def detach(self, name: str, control_url: str) -> None:
+        """Forget an `attach` router that no longer answers."""
+        volume = self.store.get_volume(name)
+        if control_url in volume.attachments:
+            volume.attachments.remove(control_url)
+            self.store.put_volume(volume)

@@ -1,6 +1,7 @@
 """An agent cut off from the manager (a proxy between them closes) is marked down after the
 heartbeat timeout, its volume is reported degraded, and it comes back up when the network
-does. The cut-off primary refusing writes needs the switchover's fencing: strict xfail."""
+does. Its primary's lease runs out, so it refuses writes (ESHUTDOWN) before the manager
+promotes the shadow on the other server (I3); once back, it is a shadow of the new primary."""
 
 from __future__ import annotations
 
@@ -62,14 +63,11 @@ def test_cut_off_agent_is_marked_down_and_back_up(fleet: CutOff) -> None:
     fleet.proxy.set_gate(True)
     wait_for(lambda: client.server("s1")["state"] == "up", 10, "s1 up again")
     assert [e["subject"] for e in client.events() if e["kind"] == "server-up"] == ["s1"]
-    assert client.status()["volumes"]["degraded"] == []
+    volume = client.volume("v1")  # the emergency switchover moved the primary meanwhile
+    assert (volume["primary"], volume["generation"]) == ("s2", 2)
+    wait_for(lambda: client.status()["volumes"]["degraded"] == [], 30, "s1 a shadow in step")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fencing a cut-off primary needs the switchover work (generation raised, serve "
-    "refusing writes of an older generation); until then the cut-off primary still writes",
-)
 def test_cut_off_primary_refuses_writes(fleet: CutOff) -> None:
     fleet.proxy.set_gate(False)
     wait_for(lambda: fleet.client.server("s1")["state"] == "down", TIMEOUT_S + 5, "s1 down")
@@ -78,3 +76,17 @@ def test_cut_off_primary_refuses_writes(fleet: CutOff) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert write.returncode != 0 or "error" in (write.stdout + write.stderr).lower()
+    assert "transport endpoint shutdown" in write.stdout + write.stderr  # ESHUTDOWN: fenced
+    wait_for(lambda: fleet.client.volume("v1")["primary"] == "s2", 15, "s2 promoted")
+    promoted = wait_for(
+        lambda: (r := serving(fleet.client, "s2", "v1")) and r["role"] == "primary" and r,
+        15,
+        "v1's primary served on s2",
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x22 0 4096", promoted["endpoint"]],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    record = fleet.client.call("GET", "/v1/switchovers", volume="v1")["switchovers"][-1]
+    assert (record["from"], record["to"], record["planned"]) == ("s1", "s2", False)
+    assert record["outcome"] == "succeeded"

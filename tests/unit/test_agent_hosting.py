@@ -4,12 +4,14 @@ restart. No child is started here (tests/integration/test_agent_*.py run the pro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shadowblk.agent.hosting import Endpoint, Hosting, Replication
+from shadowblk.delta.volume_state import VolumeState
 
 ADDRESSES = {"s2": "10.0.0.2:7700", "s3": "10.0.0.3:7700"}
 
@@ -69,7 +71,7 @@ def test_unknown_shadow_address_puts_the_start_off(tmp_path: Path) -> None:
     child = h.children["v1"]
     child.tick(0.0)
     assert child.proc is None and "s9 unknown" in child.last_error
-    assert h.report()["v1"] == {"role": "primary", "state": "backoff"}
+    assert h.report()["v1"] == {"role": "primary", "state": "backoff", "generation": 1}
 
 
 def test_ports_from_a_base_are_distinct_and_kept(tmp_path: Path) -> None:
@@ -94,7 +96,7 @@ def test_drop_removes_the_files_of_its_role(tmp_path: Path) -> None:
     for suffix in (".img", ".state", ".journal"):
         (tmp_path / "shadows" / f"v2{suffix}").write_bytes(b"x")
     (tmp_path / "shadows" / "v22.img").write_bytes(b"x")  # another volume's file stays
-    assert h.report()["v2"] == {"role": "shadow", "state": "starting"}
+    assert h.report()["v2"] == {"role": "shadow", "state": "starting", "generation": 1}
     h.apply(order(5, "drop-volume", "primary", volume("v1", [])))
     h.apply(order(6, "drop-volume", "shadow", volume("v2", [])))
     assert sorted(p.name for p in (tmp_path / "primaries").iterdir()) == []
@@ -102,13 +104,20 @@ def test_drop_removes_the_files_of_its_role(tmp_path: Path) -> None:
     assert h.volumes == {} and h.children == {} and h.orders_since == 6
 
 
-def test_a_role_change_drops_the_old_copy(tmp_path: Path) -> None:
+def test_an_ordered_promotion_takes_the_shadow_copy(tmp_path: Path) -> None:
     h = hosting(tmp_path)
     h.apply(order(1, "host-volume", "shadow", volume("v1", [])))
-    (tmp_path / "shadows" / "v1.img").write_bytes(b"x")
     h.apply(order(2, "host-volume", "primary", volume("v1", [])))
-    assert not (tmp_path / "shadows" / "v1.img").exists()
+    assert h.volumes["v1"]["role"] == "shadow"  # no applied epoch: never an empty primary
+    (tmp_path / "shadows" / "v1.img").write_bytes(bytes(1 << 20))
+    VolumeState("v1", 1 << 20, 512, 1, 3).save(tmp_path / "shadows" / "v1.state")
+    h.apply(order(3, "host-volume", "primary", volume("v1", ["s2"])))
     assert h.volumes["v1"]["role"] == "primary" and "v1" in h.children
+    assert (tmp_path / "primaries" / "v1.img").exists()
+    assert not (tmp_path / "shadows" / "v1.img").exists()
+    replication = tmp_path / "primaries" / "v1.state" / "replication"
+    assert json.loads((replication / "shadow-10.0.0.2-7700.json").read_text()) == {"acked": 3}
+    assert json.loads((replication / "replicator.json").read_text())["reserved"] == 4
 
 
 def test_new_shadows_restart_the_primary(tmp_path: Path) -> None:
@@ -123,7 +132,7 @@ def test_new_shadows_restart_the_primary(tmp_path: Path) -> None:
     assert child.proc is running  # the same shadows: left alone
     h.apply(order(3, "host-volume", "primary", volume("v1", ["s3"])))
     assert child.proc is None and running.returncode is not None  # started again at next tick
-    assert option(h._serve_argv("v1"), "--shadow") == ["10.0.0.3:7700"]
+    assert option(h._serve_argv("v1", h.volumes["v1"]), "--shadow") == ["10.0.0.3:7700"]
 
 
 def test_unknown_orders_are_skipped_but_read(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Switchover pause of `shadowblk attach` under fio load, and the router's overhead.
 
     python -m tools.bench.switchover_pause [--repoints 20] [--every 1.0] [--rounds 3] [--dir DIR]
+    python -m tools.bench.switchover_pause --fleet [--switchovers 20]   (tools/bench/fleet_pause.py)
 
 Two upstreams export one file: `shadowblk serve` (A) and `nbdkit file cache=none` (B). The router
 starts in front of A. Overhead: fio 4k randwrite, iodepth 16, 5 s runs, direct to A and through
@@ -86,8 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--every", type=float, default=1.0, help="seconds between repoints")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--fleet", action="store_true", help="real switchovers through a manager")
+    ap.add_argument("--switchovers", type=int, default=20, help="with --fleet")
     args = ap.parse_args(argv or [])
     work = Path(tempfile.mkdtemp(prefix="swbench-", dir=args.dir))
+    if args.fleet:
+        from tools.bench.fleet_pause import run
+
+        run(work, args.switchovers)
+        return
     procs = Processes(work)
     try:
         serve_uri, kit_uri = start_upstreams(procs, work / "vol.img")

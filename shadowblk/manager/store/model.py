@@ -51,6 +51,7 @@ class Server(_Doc):
     rack: str
     address: str = ""  # the agent's control address, host:port
     nbd_address: str = ""  # where its NBD exports are served, host:port
+    control_address: str = ""  # the agent's switchover calls, host:port (agent/control.py)
     capacity_bytes: int = 0
     used_bytes: int = 0
     drive_models: list[str] = field(default_factory=list)
@@ -91,6 +92,7 @@ class Volume(_Doc):
     shadows_wanted: int = 1
     shadows: list[Shadow] = field(default_factory=list)
     generation: int = 1
+    attachments: list[str] = field(default_factory=list)  # control URLs of `attach` routers
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)

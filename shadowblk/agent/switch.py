@@ -1,0 +1,115 @@
+"""A volume's files changing role at a switchover, on one server.
+
+Promotion turns the shadow's image into the primary's, and writes the new primary's replication
+state so that it believes every shadow acknowledged the promoted shadow's last epoch E: a
+shadow that is at E is then resynced from the bitmap of what is written from now on, one that is
+behind gets a full sync (the replicator's own rule), never one that is ahead.
+
+Demotion turns a stopped, fenced primary's image back into a shadow's at the epoch the new
+primary (the old primary's shadow until now) acknowledged, if the old primary's record says
+that shadow lacked nothing: the new primary then resyncs it from its bitmap. Otherwise the image
+is dropped and the shadow server builds a new one by a full sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from shadowblk.delta.applier import ShadowVolume
+from shadowblk.delta.primary_state import shadow_name, write_json
+from shadowblk.delta.volume_state import StateFileError, VolumeState
+from shadowblk.tracking.bitmap import BitmapCorruptError, DirtyBitmap
+
+log = logging.getLogger(__name__)
+
+
+class SwitchError(Exception):
+    """This copy of the volume cannot take the role asked for."""
+
+
+def _record(replication: Path, address: str) -> Path:
+    host, _, port = address.rpartition(":")
+    return replication / f"shadow-{shadow_name(host.strip('[]'), int(port))}"
+
+
+def take_shadow(shadows: Path, primaries: Path, name: str, addresses: list[str]) -> int:
+    """Make shadows/NAME the primaries/NAME image with its replication state; its epoch."""
+    try:
+        state = VolumeState.load(shadows / f"{name}.state")
+    except StateFileError as exc:
+        raise SwitchError(f"{name}: no shadow state to promote ({exc})") from None
+    epoch = state.last_applied
+    if epoch == 0:
+        raise SwitchError(f"{name}: the shadow never applied an epoch: it holds no valid state")
+    state_dir = primaries / f"{name}.state"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    replication = state_dir / "replication"
+    replication.mkdir(parents=True)
+    identity = {"volume_id": name, "size": state.size, "block_size": state.block_size}
+    write_json(replication / "replicator.json", {**identity, "reserved": epoch + 1})
+    for address in addresses:
+        base = _record(replication, address)
+        DirtyBitmap(state.size, state.block_size).save(Path(f"{base}.lacks"))
+        write_json(Path(f"{base}.json"), {"acked": epoch})
+    with contextlib.suppress(FileNotFoundError):  # a copy: the shadow server may hold it
+        shutil.copyfile(shadows / f"{name}.map", state_dir / "checksums.map")
+    os.replace(shadows / f"{name}.img", primaries / f"{name}.img")
+    (shadows / f"{name}.map").unlink(missing_ok=True)
+    for suffix in (".state", ".journal"):
+        (shadows / f"{name}{suffix}").unlink(missing_ok=True)
+    log.info("%s: shadow at epoch %d is now the primary's image", name, epoch)
+    return epoch
+
+
+def give_back(primaries: Path, shadows: Path, name: str, new_primary: str, generation: int) -> str:
+    """Make the stopped primaries/NAME a shadow again: 'resync' (kept at the epoch NEW_PRIMARY
+    acknowledged) or 'full-sync' (dropped: the old primary had writes it never received)."""
+    state_dir = primaries / f"{name}.state"
+    base = _record(state_dir / "replication", new_primary)
+    try:
+        acked = int(json.loads(Path(f"{base}.json").read_text())["acked"])
+        lacks = DirtyBitmap.load(Path(f"{base}.lacks"))
+    except (OSError, ValueError, KeyError, TypeError, BitmapCorruptError):
+        acked, lacks = 0, None
+    hot = Path(f"{base}.al")  # chunks being written when it stopped (delta/primary_state.py)
+    if hot.exists() and hot.stat().st_size:
+        acked = 0
+    image = primaries / f"{name}.img"
+    for suffix in (".state", ".journal", ".map", ".img"):
+        (shadows / f"{name}{suffix}").unlink(missing_ok=True)
+    mode = "full-sync"
+    if acked > 0 and lacks is not None and lacks.count() == 0 and image.exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(state_dir / "checksums.map", shadows / f"{name}.map")
+        os.replace(image, shadows / f"{name}.img")
+        VolumeState(name, lacks.size, lacks.block_size, generation, acked).save(
+            shadows / f"{name}.state"
+        )
+        mode = "resync"
+    image.unlink(missing_ok=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    log.info("%s: the old primary is a shadow again (%s, epoch %d)", name, mode, acked)
+    return mode
+
+
+def recover(shadows: Path, name: str) -> None:
+    """Finish an epoch the stopped shadow server had committed but not applied (or drop an
+    incomplete one), as its own start would."""
+    try:
+        ShadowVolume(shadows, VolumeState.load(shadows / f"{name}.state")).recover()
+    except StateFileError as exc:
+        raise SwitchError(f"{name}: no shadow state to promote ({exc})") from None
+
+
+def shadow_epoch(shadows: Path, name: str) -> tuple[int, int] | None:
+    """(generation, last applied epoch) of shadows/NAME, if it has a readable state."""
+    try:
+        state = VolumeState.load(shadows / f"{name}.state")
+    except StateFileError:
+        return None
+    return state.generation, state.last_applied

@@ -1,0 +1,318 @@
+"""Switchovers, planned and emergency: the steps between the store, the agents and `attach`.
+
+Planned (docs/switchover.md): the target shadow's agent starts a standby `serve` (imports
+loaded, volume not opened) while I/O still flows; then every `attach` router of the volume
+closes its gate and drains in-flight requests; the generation is raised by compare-and-swap;
+the old primary is fenced (its `serve` refuses writes with ESHUTDOWN) and ships its last epoch;
+the shadow is promoted (the standby opens the image at the new generation); the routers repoint
+and open their gates. Only those last four steps are the VM's pause. Then the old primary is
+demoted to a shadow (resynced from the bitmap) and every server gets the order of its new role.
+
+Emergency: a primary's server stopped heartbeating. Its `serve` stops accepting writes when
+its lease runs out (lease_s after the last heartbeat it sent), so the manager waits that long
+(plus a margin) after the last heartbeat it received, raises the generation only if the server
+stayed silent, promotes the shadow at the highest applied epoch, and repoints the routers
+(which hold the VM's I/O meanwhile: their upstream is gone or answers ESHUTDOWN).
+
+Steps run in the event loop; store calls on the store thread. One switchover per volume at a
+time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from shadowblk.manager.api_errors import ApiError
+from shadowblk.manager.store import StoreError
+
+log = logging.getLogger(__name__)
+
+LEASE_MARGIN_S = 0.25  # beyond a lease: scheduling and clock-rate slack between two hosts
+DRAIN_S = 30.0  # before the pause: the old primary ships what it has (writes go on)
+FENCE_DRAIN_S = 10.0  # in the pause: the wait for the last epoch (below attach's hold time)
+AGENT_TIMEOUT_S = 60.0
+ATTACH_TIMEOUT_S = 15.0
+PAUSE_LIMIT_S = 10.0  # a router reopens its gate by itself if the switchover dies mid-way
+HOLD_S = 120.0  # the longest the old primary's shadow server waits for the demotion
+
+
+class StepFailed(Exception):
+    """A switchover step that an agent or the network refused."""
+
+
+class Timings:
+    """Milliseconds per step, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.monotonic()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.monotonic()
+        self.ms[step] = round((now - self._last) * 1000, 3)
+        self._last = now
+
+    def total(self) -> float:
+        return round((time.monotonic() - self.started) * 1000, 3)
+
+
+class Switchovers:
+    """The switchovers one (leading) manager runs."""
+
+    def __init__(self, manager: Any, token: str) -> None:
+        self.manager, self.token = manager, token
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._emergencies: dict[str, asyncio.Task] = {}
+        self._said: dict[str, str] = {}  # the last complaint per volume, said once
+        self._session: aiohttp.ClientSession | None = None
+
+    def _lock(self, volume: str) -> asyncio.Lock:
+        return self._locks.setdefault(volume, asyncio.Lock())
+
+    async def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        for task in self._emergencies.values():
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- the calls ---------------------------------------------------------------------------
+    async def _agent(self, address: str, volume: str, call: str, body: dict) -> dict[str, Any]:
+        url = f"http://{address}/v1/volumes/{volume}/{call}"
+        headers = {"Authorization": f"Bearer {self.token}"}
+        session = await self._http()
+        timeout = aiohttp.ClientTimeout(total=AGENT_TIMEOUT_S)
+        try:
+            async with session.post(url, json=body, headers=headers, timeout=timeout) as reply:
+                doc = await reply.json(content_type=None)
+                if reply.status != 200:
+                    raise StepFailed(f"{call} at {address}: {doc.get('error', reply.status)}")
+                return doc
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            raise StepFailed(f"{call} at {address}: {type(err).__name__}: {err}") from None
+
+    async def _attach(self, url: str, call: str, body: dict) -> dict[str, Any]:
+        session = await self._http()
+        timeout = aiohttp.ClientTimeout(total=ATTACH_TIMEOUT_S)
+        async with session.post(f"{url}/{call}", json=body, timeout=timeout) as reply:
+            doc = await reply.json(content_type=None)
+            if reply.status != 200:
+                raise StepFailed(f"{call} at {url}: {doc.get('error', reply.status)}")
+            return doc
+
+    async def _each_attach(self, volume: str, urls: list[str], call: str, body: dict) -> dict:
+        """CALL on every router; those that do not answer are forgotten (they follow by poll
+        when they come back and register again)."""
+        results = await asyncio.gather(
+            *(self._attach(u, call, body) for u in urls), return_exceptions=True
+        )
+        answers = {}
+        for url, result in zip(urls, results, strict=True):
+            if isinstance(result, aiohttp.ClientConnectorError):  # refused: nobody listens
+                log.warning("attach %s of %s is gone: forgotten", url, volume)
+                await self.manager.run(self.manager.fleet.detach, volume, url)
+            elif isinstance(result, BaseException):
+                log.warning("attach %s of %s: %s %s", url, volume, call, result)
+            else:
+                answers[url] = result
+        return answers
+
+    # --- planned -----------------------------------------------------------------------------
+    async def planned(
+        self, name: str, to: str | None, reason: str, fence: int, planned: bool = True
+    ) -> dict[str, Any]:
+        """Hand VOLUME over to TO (or the best shadow); the record of how it went."""
+        fleet = self.manager.fleet
+        async with self._lock(name):
+            plan = await self.manager.run(fleet.plan_switchover, name, to)
+            volume, after = plan["volume"], plan["after"]
+            t = Timings()
+            record: dict[str, Any] = {
+                "volume": name, "from": plan["from"], "to": plan["to"], "reason": reason,
+                "planned": planned, "generation": after["generation"],
+            }  # fmt: skip
+            try:
+                await self._agent(plan["to_control"], name, "prepare", {"volume": after})
+            except StepFailed as err:  # nothing changed yet
+                raise ApiError(502, f"switchover of {name} not started: {err}") from None
+            try:  # the old primary's shadow server waits for the demoted copy (not in the pause)
+                await self._agent(plan["from_control"], name, "hold", {"seconds": HOLD_S})
+            except StepFailed as err:
+                log.warning("%s: %s: the old primary may need a full sync", name, err)
+            try:  # what is written so far is shipped before the pause: the fence ships the rest
+                drained = await self._agent(
+                    plan["from_control"], name, "drain", {"timeout": DRAIN_S}
+                )
+            except StepFailed as err:
+                drained = {"drained": False, "error": str(err)}
+            if not drained.get("drained"):  # the pause would be as long as the lag: not now
+                await self._release(plan["from_control"], name)
+                raise ApiError(
+                    409,
+                    f"{name}: its shadows did not catch up with the primary within {DRAIN_S:.0f} "
+                    "s: not switching over now (nothing changed; try again later)",
+                    drained,
+                )
+            t.mark("prepare_ms")
+            urls = volume.get("attachments", [])
+            paused = await self._each_attach(name, urls, "pause", {"limit_s": PAUSE_LIMIT_S})
+            t.mark("gate_ms")
+            repointed: dict[str, dict] = {}
+            try:
+                try:
+                    after = await self.manager.run(
+                        fleet.raise_generation, name, plan["to"], volume["generation"]
+                    )
+                except ApiError:  # another change won: nothing moved, the old server's
+                    await self._release(plan["from_control"], name)  # shadow server restarts
+                    raise
+                t.mark("cas_ms")
+                fenced = await self._fence(plan["from_control"], name)
+                t.mark("fence_ms")
+                promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
+                t.mark("promote_ms")
+                body = {"uri": promoted["endpoint"], "generation": after["generation"]}
+                if not fenced.get("drained"):  # the shadow may lack acknowledged writes
+                    log.error("%s: the old primary's last epoch was not applied by %s: the "
+                              "routers replay what was written since the last FLUSH", name,
+                              plan["to"])  # fmt: skip
+                    body["replay"] = True
+                repointed = await self._each_attach(name, list(paused), "repoint", body)
+                t.mark("repoint_ms")
+            except StepFailed as err:
+                record.update(outcome="failed", error=str(err), timings_ms=t.ms)
+                await self._record(record, fence)
+                raise ApiError(502, f"switchover of {name} failed: {err}", record) from None
+            finally:
+                await self._each_attach(name, [u for u in paused if u not in repointed],
+                                        "resume", {})  # fmt: skip
+            steps = ("gate_ms", "cas_ms", "fence_ms", "promote_ms", "repoint_ms")
+            pause_ms = sum(t.ms[step] for step in steps)
+            try:
+                demoted = await self._agent(plan["from_control"], name, "demote", {"volume": after})
+                record["old_primary"] = demoted["resync"]
+            except StepFailed as err:  # its next heartbeat's order demotes it
+                record["old_primary"] = f"not demoted yet: {err}"
+            await self._release(plan["to_control"], name)  # its shadow server starts again
+            t.mark("demote_ms")
+            record.update(
+                outcome="succeeded",
+                endpoint=promoted["endpoint"],
+                epoch=promoted["epoch"],
+                drained=bool(fenced.get("drained")),
+                delta_bytes=int(fenced.get("delta_bytes", 0)),
+                pause_seconds=round(pause_ms / 1000, 6),
+                router_pause_ms=max((r.get("pause_ms", 0.0) for r in repointed.values()),
+                                    default=None),
+                attachments=len(repointed),
+                timings_ms={**t.ms, "total_ms": t.total()},
+            )  # fmt: skip
+            await self._record(record, fence)
+            log.info("switchover of %s to %s: %s", name, plan["to"], record["timings_ms"])
+            return record
+
+    async def _release(self, address: str, name: str) -> None:
+        """Start the shadow server of ADDRESS's agent again (held during a role change)."""
+        try:
+            await self._agent(address, name, "hold", {"seconds": 0})
+        except StepFailed as err:
+            log.warning("%s: a shadow server stays held (for 2 min at most): %s", name, err)
+
+    async def _fence(self, address: str, name: str) -> dict[str, Any]:
+        """Fence the old primary; if its agent does not answer, its lease fences it: wait."""
+        try:
+            return await self._agent(address, name, "fence", {"drain": FENCE_DRAIN_S})
+        except StepFailed as err:
+            wait = self.manager.fleet.lease_s + LEASE_MARGIN_S
+            log.warning("%s: fence failed (%s): waiting %.1f s for its lease to run out",
+                        name, err, wait)  # fmt: skip
+            await asyncio.sleep(wait)
+            return {"drained": False, "fence": f"lease ran out ({err})"}
+
+    async def _record(self, record: dict[str, Any], fence: int) -> None:
+        await self.manager.run(self.manager.fleet.finish_switchover, record, fence)
+
+    # --- emergency ---------------------------------------------------------------------------
+    async def watch(self, fence: int) -> None:
+        """Start an emergency switchover for every volume whose primary's server is down."""
+        for name in await self.manager.run(self.manager.fleet.orphaned):
+            running = self._emergencies.get(name)
+            if running is None or running.done():
+                self._emergencies[name] = asyncio.create_task(self.emergency(name, fence))
+
+    async def emergency(self, name: str, fence: int) -> dict[str, Any] | None:
+        """Promote the best shadow of NAME, whose primary's server is down."""
+        fleet = self.manager.fleet
+        async with self._lock(name):
+            try:
+                plan = await self.manager.run(fleet.plan_emergency, name)
+            except (ApiError, StoreError) as err:
+                if self._said.get(name) != str(err):
+                    log.error("%s: its primary is down and no shadow can take over: %s", name, err)
+                    self._said[name] = str(err)
+                return None
+            if plan is None:
+                return None
+            t = Timings()
+            wait = plan["silent_since"] + fleet.lease_s + LEASE_MARGIN_S - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the old primary's lease runs out first (I3)
+            t.mark("lease_wait_ms")
+            volume = plan["volume"]
+            record: dict[str, Any] = {
+                "volume": name, "from": plan["from"], "to": plan["to"], "planned": False,
+                "reason": f"{plan['from']} stopped heartbeating",
+            }  # fmt: skip
+            try:
+                after = await self.manager.run(
+                    fleet.take_over, name, plan["to"], volume["generation"], plan["silent_since"]
+                )
+                record["generation"] = after["generation"]
+                t.mark("cas_ms")
+                promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
+                t.mark("promote_ms")
+                body = {"uri": promoted["endpoint"], "generation": after["generation"]}
+                repointed = await self._each_attach(name, volume["attachments"], "repoint", body)
+                t.mark("repoint_ms")
+                await self._release(plan["to_control"], name)
+            except (StepFailed, ApiError, StoreError) as err:
+                log.error("emergency switchover of %s failed: %s", name, err)
+                record.update(outcome="failed", error=str(err), timings_ms=t.ms)
+                await self._record(record, fence)
+                return record
+            outage_s = time.time() - plan["silent_since"]
+            record.update(
+                outcome="succeeded",
+                endpoint=promoted["endpoint"],
+                epoch=promoted["epoch"],
+                pause_seconds=round(outage_s, 6),
+                attachments=len(repointed),
+                timings_ms={**t.ms, "total_ms": t.total()},
+            )
+            await self._record(record, fence)
+            log.warning("emergency switchover of %s to %s: %s", name, plan["to"], record)
+            return record
+
+    # --- drain -------------------------------------------------------------------------------
+    async def drain(self, server: str, reason: str, fence: int) -> list[dict[str, Any]]:
+        """Mark SERVER draining and hand every primary on it over to a shadow, one by one."""
+        fleet = self.manager.fleet
+        names = await self.manager.run(fleet.primaries_on, server)
+        await self.manager.run(fleet.set_draining, server)
+        records = []
+        for name in names:
+            try:
+                records.append(await self.planned(name, None, reason, fence))
+            except ApiError as err:
+                records.append({"volume": name, "from": server, "outcome": "failed",
+                                "error": err.error, "reason": reason})  # fmt: skip
+        return records

@@ -1,0 +1,138 @@
+"""The switchover's small parts on real files and sockets: the serve's fence and lease, the
+role change of a volume's files on one server, and attach's unflushed-write log."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from shadowblk.agent import switch
+from shadowblk.attach.unflushed import Unflushed, batches
+from shadowblk.delta.volume_state import VolumeState
+from shadowblk.nbd import fence
+from shadowblk.nbd import protocol as P
+from shadowblk.tracking.bitmap import DirtyBitmap
+
+SIZE, BS = 1 << 20, 4096
+
+
+def refused(f: fence.Fence) -> bool:
+    try:
+        f.on_write(0, b"x")
+    except OSError as err:
+        assert err.errno == errno.ESHUTDOWN
+        return True
+    return False
+
+
+def test_a_lease_fences_until_renewed_and_a_fence_is_for_good() -> None:
+    f = fence.Fence(lease_s=0.0)
+    assert refused(f)  # no lease yet: a `serve` started before a heartbeat refuses writes
+    f.renew(3600)
+    assert not refused(f)
+    f.fence(drain_s=0)
+    assert refused(f)
+    f.renew(3600)
+    assert refused(f) and f.status()["for_good"]
+    with pytest.raises(OSError):
+        f.on_flush()
+
+
+def test_the_control_socket(tmp_path: Path) -> None:
+    f = fence.Fence(lease_s=None)
+    control = fence.ControlSocket(tmp_path / "ctl", f)
+    try:
+        assert fence.command(tmp_path / "ctl", {"op": "status"})["fenced"] is False
+        assert fence.command(tmp_path / "ctl", {"op": "lease", "seconds": 0})["fenced"]
+        bad = fence.command(tmp_path / "ctl", {"op": "lease"})
+        assert not bad["ok"] and "bad command" in bad["error"]
+        assert not fence.command(tmp_path / "ctl", {"op": "nope"})["ok"]
+        answer = fence.command(tmp_path / "ctl", {"op": "fence", "drain": 0})
+        assert answer["fenced"] and answer["drained"] and answer["epoch"] == 0
+        assert not control.go.is_set()
+        fence.command(tmp_path / "ctl", {"op": "go"})
+        assert control.go.is_set()
+    finally:
+        control.close()
+
+
+def shadow(tmp_path: Path, epoch: int) -> tuple[Path, Path]:
+    shadows, primaries = tmp_path / "shadows", tmp_path / "primaries"
+    shadows.mkdir()
+    primaries.mkdir()
+    (shadows / "v1.img").write_bytes(b"\x5a" * SIZE)
+    VolumeState("v1", SIZE, BS, 4, epoch).save(shadows / "v1.state")
+    return shadows, primaries
+
+
+def test_a_promoted_shadow_claims_its_epoch_for_every_shadow(tmp_path: Path) -> None:
+    shadows, primaries = shadow(tmp_path, 17)
+    assert switch.take_shadow(shadows, primaries, "v1", ["10.0.0.2:7700", "[::1]:7701"]) == 17
+    assert (primaries / "v1.img").read_bytes() == b"\x5a" * SIZE
+    assert not (shadows / "v1.img").exists() and not (shadows / "v1.state").exists()
+    rep = primaries / "v1.state" / "replication"
+    assert json.loads((rep / "replicator.json").read_text())["reserved"] == 18
+    for name in ("10.0.0.2-7700", "__1-7701"):
+        assert json.loads((rep / f"shadow-{name}.json").read_text()) == {"acked": 17}
+        assert DirtyBitmap.load(rep / f"shadow-{name}.lacks").count() == 0
+
+
+def test_a_shadow_that_never_applied_an_epoch_is_not_promoted(tmp_path: Path) -> None:
+    shadows, primaries = shadow(tmp_path, 0)
+    with pytest.raises(switch.SwitchError, match="never applied"):
+        switch.take_shadow(shadows, primaries, "v1", [])
+    assert (shadows / "v1.img").exists()
+
+
+def demoted(tmp_path: Path, lacks: int) -> tuple[str, Path]:
+    """An old primary whose record of the new primary's shadow says: acked 9, LACKS blocks."""
+    shadows, primaries = shadow(tmp_path, 9)
+    switch.take_shadow(shadows, primaries, "v1", ["10.0.0.2:7700"])
+    record = DirtyBitmap(SIZE, BS)
+    if lacks:
+        record.mark(0, lacks * BS)
+    rep = primaries / "v1.state" / "replication"
+    record.save(rep / "shadow-10.0.0.2-7700.lacks")
+    shadows.mkdir(exist_ok=True)
+    return switch.give_back(primaries, shadows, "v1", "10.0.0.2:7700", 5), shadows
+
+
+def test_an_old_primary_that_shipped_everything_is_resynced(tmp_path: Path) -> None:
+    mode, shadows = demoted(tmp_path, 0)
+    assert mode == "resync"
+    assert switch.shadow_epoch(shadows, "v1") == (5, 9)
+    assert (shadows / "v1.img").read_bytes() == b"\x5a" * SIZE
+    assert not (tmp_path / "primaries" / "v1.img").exists()
+
+
+def test_an_old_primary_with_unshipped_writes_is_dropped(tmp_path: Path) -> None:
+    mode, shadows = demoted(tmp_path, 2)
+    assert mode == "full-sync"
+    assert switch.shadow_epoch(shadows, "v1") is None
+    assert not (shadows / "v1.img").exists()
+    assert not (tmp_path / "primaries" / "v1.img").exists()
+
+
+def test_unflushed_writes_are_kept_until_a_later_flush_completes() -> None:
+    log = Unflushed(limit=1 << 20)
+    log.completed(P.CMD_WRITE, 0, 0, 4, b"aaaa")
+    mark = log.flush_sent()
+    log.completed(P.CMD_TRIM, 0, 8, 4, b"")  # completed after the FLUSH was sent
+    log.flush_done(mark)
+    assert [(w.cmd, w.offset) for w in log.writes] == [(P.CMD_TRIM, 8)]
+    log.completed(P.CMD_WRITE, 0, 0, 1 << 20, bytes(1 << 20))  # over the limit: dropped
+    assert log.writes == [] and log.overflowed_at
+    log.flush_done(log.flush_sent())
+    assert not log.overflowed_at
+
+
+def test_replay_batches_keep_the_order_of_overlapping_writes() -> None:
+    log = Unflushed()
+    for offset in (0, 8192, 4096, 0, 16384, 6000):
+        log.completed(P.CMD_WRITE, 0, offset, 4096, bytes(4096))
+    cut = batches(log.writes, size=64)
+    assert [[w.offset for w in b] for b in cut] == [[0, 8192, 4096], [0, 16384, 6000]]
+    assert [len(b) for b in batches(log.writes, size=2)] == [2, 2, 2]
