@@ -150,7 +150,8 @@ def command(
         manager = Manager(_store_url(store_url), heartbeat_timeout, lease_ttl)
     except (StoreError, OSError) as err:
         raise click.ClickException(f"cannot open the store {store_url}: {err}") from None
-    manager.fleet.assess = RiskMonitor(manager.store, model, RiskSettings(trigger)).assess
+    monitor = RiskMonitor(manager.store, model, RiskSettings(trigger), drain=manager.start_drain)
+    manager.fleet.assess = monitor.assess
     try:
         asyncio.run(serve(manager, make_app(manager, token), host, port, advertise))
     except OSError as err:

@@ -92,7 +92,7 @@ class RiskMonitor:
     ) -> None:
         self.store, self.model = store, model
         self.settings = settings or RiskSettings()
-        self.drain = drain  # the lead wires Service/Manager drain_server here
+        self.drain = drain  # Manager.start_drain: from the store thread, without waiting
         self.servers: dict[str, ServerState] = {}
 
     def assess(self, server: str, body: dict[str, Any], now: float) -> dict[str, Any]:

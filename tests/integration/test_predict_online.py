@@ -220,3 +220,48 @@ def test_bad_replay_and_model_files_are_clear_errors(smart_model: Path, tmp_path
     )  # fmt: skip
     assert out.returncode == 1 and "format_version 99 is not supported" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_failing_drive_moves_its_volume_before_the_failure_day(
+    procs: Processes, agent_groups: list[int], smart_model: Path, tmp_path: Path
+) -> None:
+    """Not a dry run: the trigger drains s1 while fio writes through attach, and fio's
+    verification passes."""
+    from tests.integration.test_switchover_fio import fio as fio_verify
+    from tests.integration.test_switchover_fio import fio_passed
+    from tests.switchover_lab import Fleet as Switching
+    from tests.switchover_lab import start_attach
+
+    lab = start_manager(
+        procs, f"sqlite:{tmp_path / 'store.db'}", tmp_path, "manager", "--model", str(smart_model),
+        "--preempt-threshold", "0.5", "--preempt-sustain", "3s", "--heartbeat-timeout", "2",
+    )  # fmt: skip
+    client = lab.client()
+    agents = {"s2": start_agent(procs, agent_groups, lab.url, lab.token_file, "s2", "b",
+                                tmp_path / "s2")}  # fmt: skip
+    # a quarter of a recorded day a second: the warning (2014-05-05) comes ~45 s after start
+    replay = ("--smart-replay", str(DATA), "--smart-serial", FAILING,
+              "--replay-start", REPLAY_START, "--replay-speed", "0.25")  # fmt: skip
+    agents["s1"] = start_agent(
+        procs, agent_groups, lab.url, lab.token_file, "s1", "a", tmp_path / "s1", *replay
+    )
+    client.create_volume(name="v1", size_bytes=64 << 20, primary="s1", shadows=1)
+    fleet = Switching(lab, client, agents, "v1")
+    wait_for(lambda: serving(client, "s1", "v1"), 30, "v1 served on s1")
+    wait_for(fleet.in_step, 60, "v1's shadow in step")
+    start_attach(procs, fleet)
+    job = fio_verify(tmp_path, fleet.attach_uri, "--iodepth=8", "--rate_iops=120")
+
+    wait_for(lambda: fleet.primary() == "s2", 150, "v1 moved off the failing s1")
+    assert job.poll() is None, "fio ended before the move: the test proves less"
+    (event,) = preempts(client, "s1")
+    detail = event["detail"]
+    assert detail["action"] == "drain" and not detail["dry_run"] and detail["primaries"] == ["v1"]
+    assert detail["smart"]["replay"]["date"] < FAILURE_DATE
+    (move,) = wait_for(
+        lambda: client.call("GET", "/v1/switchovers", volume="v1")["switchovers"] or None,
+        60,
+        "the move recorded",
+    )
+    assert (move["from"], move["to"], move["outcome"]) == ("s1", "s2", "succeeded"), move
+    fio_passed(tmp_path, job)
