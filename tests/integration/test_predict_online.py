@@ -6,6 +6,7 @@ agents heartbeating, volumes served, fio as the load.
   the recorded failure day.
 - A slow backing store injected into one agent while fio runs: its latency is flagged.
 - A healthy agent under a load that changes rate: never flagged.
+- Not a dry run: the failing drive's server is drained while fio verifies through attach.
 """
 
 from __future__ import annotations
