@@ -417,13 +417,14 @@ class Replicator:
                         self._cut()
             for link in self.links:
                 if saved.get(link.name) != link.record.acked:
-                    await asyncio.to_thread(self._checkpoint, link)
-                    saved[link.name] = link.record.acked
+                    # what it saved, not the acked of now: an ack during the save needs another
+                    saved[link.name] = await asyncio.to_thread(self._checkpoint, link)
 
-    def _checkpoint(self, link: ShadowLink, final: bool = False) -> None:
+    def _checkpoint(self, link: ShadowLink, final: bool = False) -> int:
         """Shrink the shadow's persisted lacks to what it really lacks now, when known, and,
         past AL_CHUNKS, its activity log to the chunks written since the last checkpoint. The
-        FINAL one (no more writes) saves the exact set and an empty log."""
+        FINAL one (no more writes) saves the exact set and an empty log. Returns the
+        acknowledged epoch saved."""
         rec = link.record
         with rec.save_lock:
             with self.lock:
@@ -451,6 +452,7 @@ class Replicator:
             rec.save(snapshot, acked)
             if cooled:
                 rec.log.rewrite(sorted(keep))
+        return acked
 
     # --- reporting ---------------------------------------------------------------------------
 
