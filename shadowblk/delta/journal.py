@@ -63,7 +63,10 @@ class Journal:
     def begin(self) -> None:
         """Stage after the committed records: anything staged but not committed is void."""
         if self._fd < 0:
+            created = not self.path.exists()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if created:  # commit() syncs the file, not its name: an acknowledged epoch in a
+                fsync_dir(self.path.parent)  # journal whose entry was lost would be lost too
         os.ftruncate(self._fd, self.committed_end)
         self.end = self.committed_end
 
