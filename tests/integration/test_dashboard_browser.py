@@ -131,13 +131,38 @@ async def drive(lab: Lab, devtools: str, shadow: str) -> bytes:
                 "document.querySelector('#plot-lag polyline').getAttribute('points')"
             )
             assert len(points.split()) >= 2, points  # the lag is plotted over time
-            buttons = await page.js(
-                "[...document.querySelectorAll('#volumes button, #servers button')]"
-                ".map(b => [b.disabled, b.title])"
-            )
-            assert buttons and all(b == [True, "comes with switchover"] for b in buttons)
+            await act(page, lab)
             shot = await page.send("Page.captureScreenshot", format="png")
             return base64.b64decode(shot["data"])
+
+
+async def act(page: Page, lab: Lab) -> None:
+    """The switchover and drain buttons ask for a confirmation and the token, then call the
+    manager and show its answer: refused without the right token, the manager's own verdict
+    with it (this fleet has no agents behind its servers, so a drain of s3, which holds no
+    primary, is the action that can succeed here)."""
+    paths = await page.js("[...document.querySelectorAll('button[data-action]')]"
+                          ".map(b => b.dataset.action)")  # fmt: skip
+    assert "/v1/volumes/v1/switchover" in paths and "/v1/servers/s3/drain" in paths
+    result = "document.getElementById('confirm-result')"
+    await page.js("document.querySelector('[data-action=\"/v1/volumes/v1/switchover\"]').click()")
+    assert await page.js("document.getElementById('confirm').hidden") is False
+    assert "switch volume v1 over from s1" in await page.js(
+        "document.getElementById('confirm-what').textContent"
+    )
+    await page.js("document.getElementById('confirm-token').value = 'wrong'")
+    await page.js("document.getElementById('confirm-go').click()")
+    assert await page.wait_for(f"{result}.dataset.status") == "401"
+    assert "refused (401)" in await page.js(f"{result}.textContent")
+
+    await page.js("document.querySelector('[data-action=\"/v1/servers/s3/drain\"]').click()")
+    await page.js(f"document.getElementById('confirm-token').value = {json.dumps(lab.token)}")
+    await page.js("document.getElementById('confirm-reason').value = 'from the test'")
+    await page.js("document.getElementById('confirm-go').click()")
+    assert await page.wait_for(f"{result}.dataset.status") == "200"
+    assert await page.js(f"{result}.textContent") == "nothing to move"
+    server = await asyncio.to_thread(lab.client().server, "s3")
+    assert server["state"] == "draining"
 
 
 def test_dashboard_updates_live(procs: Processes, tmp_path: Path) -> None:

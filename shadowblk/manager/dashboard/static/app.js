@@ -3,7 +3,6 @@
 
 const WINDOW_S = 300;
 const history = [];  // samples {t, lag: {}, p99_ms: {}, fp: {}}, oldest first
-const NOT_YET = "comes with switchover";
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -24,10 +23,61 @@ function seconds(s) { return s === null || s === undefined ? "–" : `${s.toFixe
 function cls(text) { return text.replace(/\s+/g, "-"); }
 function when(t) { return new Date(t * 1000).toLocaleTimeString(); }
 
-// Actions that the manager cannot do yet are shown, disabled, with the reason.
-function action(label) {
-  return el("button", {disabled: "", title: NOT_YET}, label);
+// An action (switchover a volume, drain a server) asks first: the confirmation panel names
+// what will move, takes the bearer token (kept for this tab only) and a reason, and shows the
+// manager's answer.
+function action(label, what, path) {
+  const b = el("button", {"data-action": path}, label);
+  b.addEventListener("click", () => confirmAction(what, path));
+  return b;
 }
+
+function confirmAction(what, path) {
+  const panel = document.getElementById("confirm");
+  panel.dataset.path = path;
+  document.getElementById("confirm-what").textContent = what;
+  document.getElementById("confirm-token").value = sessionStorage.getItem("token") || "";
+  const result = document.getElementById("confirm-result");
+  result.textContent = "";
+  delete result.dataset.status;
+  panel.hidden = false;
+}
+
+async function runAction() {
+  const panel = document.getElementById("confirm");
+  const token = document.getElementById("confirm-token").value.trim();
+  const reason = document.getElementById("confirm-reason").value.trim() || "dashboard";
+  const result = document.getElementById("confirm-result");
+  sessionStorage.setItem("token", token);
+  result.textContent = "working…";
+  delete result.dataset.status;
+  try {
+    const reply = await fetch(panel.dataset.path, {
+      method: "POST",
+      headers: {"Authorization": `Bearer ${token}`, "Content-Type": "application/json"},
+      body: JSON.stringify({reason}),
+    });
+    const doc = await reply.json().catch(() => ({}));
+    result.dataset.status = String(reply.status);
+    result.textContent = reply.ok ? outcome(doc) : `refused (${reply.status}): ${doc.error || reply.statusText}`;
+  } catch (err) {
+    result.dataset.status = "0";
+    result.textContent = `no answer from the manager: ${err}`;
+  }
+}
+
+// a switchover record, or a drain's list of them, in one line
+function outcome(doc) {
+  const records = doc.switchovers || [doc];
+  if (!records.length) return "nothing to move";
+  return records.map(r => `${r.volume}: ${r.from} → ${r.to} ${r.outcome}` +
+    (r.pause_seconds !== undefined ? `, I/O paused ${(r.pause_seconds * 1000).toFixed(1)} ms` : "")).join("; ");
+}
+
+document.getElementById("confirm-go").addEventListener("click", runAction);
+document.getElementById("confirm-cancel").addEventListener("click", () => {
+  document.getElementById("confirm").hidden = true;
+});
 
 function renderAlerts(alerts, leading) {
   const count = document.getElementById("alert-count");
@@ -54,7 +104,8 @@ function renderVolumes(volumes) {
       `${s.server}: `, el("span", {class: cls(s.state)}, s.state), ", lag ",
       el("span", {"data-lag": `${v.name}/${s.server}`}, seconds(s.lag_seconds)),
       ` / ${bytes(s.lag_bytes)}`))),
-    el("td", {}, action("switchover…")))));
+    el("td", {}, action("switchover…", `switch volume ${v.name} over from ${v.primary} to a shadow`,
+      `/v1/volumes/${encodeURIComponent(v.name)}/switchover`)))));
 }
 
 function renderServers(servers) {
@@ -67,7 +118,8 @@ function renderServers(servers) {
       el("td", {"data-fp": s.name}, s.failure_probability.toFixed(2)),
       el("td", {}, risk(s) + (s.failure_reasons.join("; ") || "–")), el("td", {}, lat),
       el("td", {}, s.io_errors), el("td", {}, s.checksum_discrepancies),
-      el("td", {}, `${s.heartbeat_age_s} s ago`), el("td", {}, action("drain…")));
+      el("td", {}, `${s.heartbeat_age_s} s ago`), el("td", {}, action("drain…",
+        `move every primary off server ${s.name}`, `/v1/servers/${encodeURIComponent(s.name)}/drain`)));
   }));
 }
 
