@@ -19,6 +19,7 @@ from typing import Any
 
 from shadowblk.agent import health
 from shadowblk.agent.control import serve_control
+from shadowblk.agent.discrepancy_feed import DiscrepancyFeed
 from shadowblk.agent.exporter import serve_metrics
 from shadowblk.agent.hosting import Endpoint, Hosting, Replication
 from shadowblk.agent.metrics import AgentMetrics
@@ -81,6 +82,7 @@ class Agent:
             self.metrics, lambda: health.serving(self.hosting.children), config.interval
         )
         self.volume_probe.start()
+        self.discrepancies = DiscrepancyFeed(self.hosting.primaries_dir, self.metrics)
         self.registered = self._announced = False
         self._last_error = ""
         listen = config.control_listen or Endpoint(config.listen.host, 0)
@@ -182,6 +184,7 @@ class Agent:
         }
 
     def health(self) -> dict[str, Any]:
+        self.discrepancies.poll()
         return {
             "used_bytes": self._space()[1],
             "io_window": self.volume_probe.window(),
