@@ -1,8 +1,10 @@
 # cython: cdivision=True
 """The dirty-block bitmap in C: a three-level table of lazily allocated pages of bits.
 
-Every method runs under the GIL and never calls back into Python while it changes the table,
-so marks from several threads, cut() and clear() are atomic with respect to each other.
+Every Python method runs under the GIL and never calls back into Python while it changes the
+table, so marks from several threads, cut() and clear() are atomic with respect to each other.
+mark_span() and mark_range_nogil() run without the GIL: a caller that uses them must hold a lock
+of its own that every other user of the bitmap also takes (the tracker's Mutex).
 """
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow
@@ -115,15 +117,17 @@ cdef inline uint64_t *page_of(Bitmap bm, uint64_t block) noexcept:
     return NULL if mid == NULL else mid.pages[(block >> PAGE_SHIFT) & (PAGES_PER_MID - 1)]
 
 
-cdef inline int mark_block(Bitmap bm, uint64_t block) except -1:
-    """Dirty one block: the hot path of every 4 KiB write."""
+cdef inline int mark_one(Bitmap bm, uint64_t block) noexcept nogil:
+    """Dirty one block: the hot path of every 4 KiB write. -1 if a page cannot be allocated."""
     cdef Mid *mid = bm.root[block >> MID_BLOCK_SHIFT]
     cdef uint64_t *page
     cdef uint64_t *word
     cdef uint64_t added
     cdef uint32_t p = (block >> PAGE_SHIFT) & (PAGES_PER_MID - 1)
     if mid == NULL or mid.pages[p] == NULL:
-        page = bm._page(block >> PAGE_SHIFT, &mid)
+        page = bm._page_nogil(block >> PAGE_SHIFT, &mid)
+        if page == NULL:
+            return -1
     else:
         page = mid.pages[p]
     word = &page[(block >> 6) & (PAGE_WORDS - 1)]
@@ -131,6 +135,12 @@ cdef inline int mark_block(Bitmap bm, uint64_t block) except -1:
     word[0] |= 1ULL << (block & 63)
     mid.counts[p] += added
     bm.ndirty += added
+    return 0
+
+
+cdef inline int mark_block(Bitmap bm, uint64_t block) except -1:
+    if mark_one(bm, block) != 0:
+        raise MemoryError("cannot allocate a bitmap page")
     return 0
 
 
@@ -198,23 +208,29 @@ cdef class Bitmap:
 
     # --- the table ---------------------------------------------------------------------------
 
-    cdef uint64_t *_page(self, uint64_t pidx, Mid **mid_out) except NULL:
-        """The page holding page index pidx, allocated if absent."""
+    cdef uint64_t *_page_nogil(self, uint64_t pidx, Mid **mid_out) noexcept nogil:
+        """The page holding page index pidx, allocated if absent; NULL if memory ran out."""
         cdef uint64_t r = pidx >> MID_SHIFT
         cdef uint32_t p = pidx & (PAGES_PER_MID - 1)
         cdef Mid *mid = self.root[r]
         if mid == NULL:
             mid = <Mid *>calloc(1, sizeof(Mid))
             if mid == NULL:
-                raise MemoryError("cannot allocate a bitmap node")
+                return NULL
             self.root[r] = mid
         if mid.pages[p] == NULL:
             mid.pages[p] = <uint64_t *>calloc(PAGE_WORDS, 8)
             if mid.pages[p] == NULL:
-                raise MemoryError("cannot allocate a bitmap page")
+                return NULL
             mid.used += 1
         mid_out[0] = mid
         return mid.pages[p]
+
+    cdef uint64_t *_page(self, uint64_t pidx, Mid **mid_out) except NULL:
+        cdef uint64_t *page = self._page_nogil(pidx, mid_out)
+        if page == NULL:
+            raise MemoryError("cannot allocate a bitmap page")
+        return page
 
     cdef void _drop_page(self, uint64_t pidx) noexcept:
         cdef uint64_t r = pidx >> MID_SHIFT
@@ -226,22 +242,38 @@ cdef class Bitmap:
             free(mid)
             self.root[r] = NULL
 
-    cdef int mark_blocks(self, uint64_t first, uint64_t last) except -1:
-        """Dirty blocks first..last (inclusive, already checked against the volume)."""
+    cdef int mark_span(self, uint64_t first, uint64_t last) noexcept nogil:
+        """Dirty blocks first..last (inclusive, already checked against the volume); -1 if
+        memory ran out (the blocks before the failing page stay marked: over-reporting)."""
         cdef Mid *mid
         cdef uint64_t *page
         cdef uint64_t pidx, stop, added
         if first == last:
-            return mark_block(self, first)
+            return mark_one(self, first)
         while first <= last:
             pidx = first >> PAGE_SHIFT
             stop = min(last, (pidx << PAGE_SHIFT) | PAGE_MASK)
-            page = self._page(pidx, &mid)
+            page = self._page_nogil(pidx, &mid)
+            if page == NULL:
+                return -1
             added = set_bits(page, first & PAGE_MASK, stop & PAGE_MASK)
             mid.counts[pidx & (PAGES_PER_MID - 1)] += added
             self.ndirty += added
             first = stop + 1
         return 0
+
+    cdef int mark_blocks(self, uint64_t first, uint64_t last) except -1:
+        if self.mark_span(first, last) != 0:
+            raise MemoryError("cannot allocate a bitmap page")
+        return 0
+
+    cdef int mark_range_nogil(self, uint64_t offset, uint64_t length) noexcept nogil:
+        """mark_range without the GIL (see the module's docstring for the lock it needs);
+        -1 for a range outside the volume or when memory ran out, so the caller can retry
+        with the GIL and get the exception."""
+        if length == 0 or offset > self.size_ or length > self.size_ - offset:
+            return -1
+        return self.mark_span(offset >> self.shift, (offset + length - 1) >> self.shift)
 
     cdef int _check(self, uint64_t offset, uint64_t length) except -1:
         if length == 0 or offset > self.size_ or length > self.size_ - offset:

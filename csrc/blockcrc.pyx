@@ -62,3 +62,35 @@ def block_crc32c(buf, Py_ssize_t block_size=4096, bint hardware=True):
         return result
     finally:
         PyBuffer_Release(&view)
+
+
+def store_crc32c(uint32_t[::1] entries not None, Py_ssize_t block_size, writes,
+                 Py_ssize_t start=0):
+    """Checksum whole-block WRITES, a sequence of (offset, buffer), from index START on
+    straight into ENTRIES (a map's uint32 array, one crc per block): no Python object per
+    block. Stops at the first write that is not whole blocks inside the map and returns its
+    index (len(writes) when every write was stored), for the caller's slower path."""
+    cdef Py_buffer view
+    cdef crc32c_shift_t scratch
+    cdef Py_ssize_t i, n = len(writes)
+    cdef Py_ssize_t nblocks = entries.shape[0]
+    cdef unsigned long long offset
+    cdef int hw = HARDWARE
+    if block_size <= 0:
+        raise ValueError(f"block_size {block_size} must be positive")
+    cdef bytes full = shift_for(block_size) if hw else b""
+    cdef const char *full_ptr = full
+    for i in range(start, n):
+        item = writes[i]
+        offset = item[0]
+        PyObject_GetBuffer(item[1], &view, PyBUF_SIMPLE)
+        try:
+            if (view.len == 0 or offset % block_size or view.len % block_size
+                    or offset // block_size + view.len // block_size > <unsigned long long>nblocks):
+                return i
+            crc32c_blocks(<const unsigned char *>view.buf, view.len, block_size,
+                          &entries[offset // block_size], hw, <const crc32c_shift_t *>full_ptr,
+                          &scratch)
+        finally:
+            PyBuffer_Release(&view)
+    return n

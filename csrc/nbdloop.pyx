@@ -15,8 +15,10 @@ run() return SLOW with the receive lock still held: the Python handler
 run() again.
 
 Write observers (replication, checksum maps), when the tracker has some as the connection
-starts, get the batch's payloads in the same GIL acquisition that tracks them
-(tracker.observe_writes). `tracker.ordering` is taken before the next worker may read (so one
+starts, get the batch's payloads in one GIL acquisition (tracker.observe_writes). Marking the
+dirty bitmap needs no GIL: under the tracker's Mutex the loop checks that every region the
+batch touches is in the activity log already and marks the blocks; only a write into a region
+not yet logged goes to Python (tracker.before_writes logs it durably first). `tracker.ordering` is taken before the next worker may read (so one
 connection's write batches keep their arrival order) and held until the batch's last pwrite (so
 observers see writes in the order the volume gets them). A FLUSH or a FUA write ends its batch;
 after its fdatasync the ordering lock is let go and tracker.after_flush() runs before its reply
@@ -33,6 +35,7 @@ from posix.types cimport off_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from shadowblk._native.bitmap cimport Bitmap
+from shadowblk._native.mutex cimport Mutex
 
 import logging
 
@@ -186,13 +189,14 @@ cdef class Connection:
     cdef bint read_only
     cdef bint structured
     cdef object tracker
-    cdef object t_acquire
-    cdef object t_release
+    cdef Mutex t_mutex
     cdef bint observed
     cdef object t_order
     cdef object t_unorder
     cdef Bitmap t_bitmap
-    cdef bytearray t_hot
+    cdef object t_hot_pin  # a memoryview: the bytearray cannot be resized (moved) under t_hot
+    cdef char *t_hot
+    cdef Py_ssize_t t_regions
     cdef int t_shift
     cdef StopFlag stop_flag
     cdef int *stopping
@@ -216,10 +220,11 @@ cdef class Connection:
         self.tracker = tracker
         if tracker is not None:
             # the tracker never replaces these objects, it changes them in place
-            self.t_acquire = tracker.lock.acquire
-            self.t_release = tracker.lock.release
+            self.t_mutex = tracker.lock
             self.t_bitmap = tracker.bitmap
-            self.t_hot = tracker.hot
+            self.t_hot_pin = memoryview(tracker.hot)
+            self.t_hot = PyByteArray_AS_STRING(tracker.hot)
+            self.t_regions = PyByteArray_GET_SIZE(tracker.hot)
             self.t_shift = tracker.region_shift
             self.observed = bool(tracker.observers)
             self.t_order = tracker.ordering.acquire
@@ -618,18 +623,21 @@ cdef class Worker:
         """Mark the batch's writes before any is issued, and show them to the observers;
         returns how many of the batch's writes, from the first, may be issued (the rest fail
         with EIO). Writes into regions already in the activity log are marked right here,
-        under the tracker's lock; otherwise the tracker logs the new regions durably first.
-        With observers, `tracker.ordering` is taken first (waiting without the GIL) and kept
-        until _unorder()."""
+        without the GIL, under the tracker's Mutex; otherwise the tracker logs the new regions
+        durably first. With observers, `tracker.ordering` is taken (in the same GIL
+        acquisition as the observers' call) and kept until _unorder()."""
         cdef int allowed = nwrites
+        cdef bint logged = self._mark_logged(n)
         cdef Request *r
         self.refused = NBD_EIO
+        if logged and not self.conn.observed:
+            return allowed
         with gil:
             try:
                 if self.conn.observed:
                     self.conn.t_order()
                     self.ordered = 1
-                if not self._mark_logged(n):
+                if not logged:
                     offsets = []
                     lengths = []
                     for i in range(n):
@@ -677,34 +685,34 @@ cdef class Worker:
                 error = refusal_errno(exc)
         return error
 
-    cdef bint _mark_logged(self, int n) except -1:
-        """With the GIL: mark the batch if every region it touches is logged already."""
-        cdef Connection c = self.conn
-        cdef char *hot
+    cdef bint _mark_logged(self, int n) noexcept nogil:
+        """Without the GIL: mark the batch if every region it touches is logged already (else,
+        or if marking fails, the tracker's before_writes does it with the GIL)."""
         cdef Request *r
         cdef uint64_t first, last, k
         cdef int i
         cdef bint logged = True
-        c.t_acquire()
-        try:
-            hot = PyByteArray_AS_STRING(c.t_hot)
+        self.conn.t_mutex.lock()
+        for i in range(n):
+            r = &self.batch[i]
+            if r.cmd == CMD_WRITE:
+                first = r.offset >> self.conn.t_shift
+                last = (r.offset + r.length - 1) >> self.conn.t_shift
+                if <Py_ssize_t>last >= self.conn.t_regions:
+                    logged = False
+                    break
+                for k in range(first, last + 1):
+                    if self.conn.t_hot[k] == REGION_COLD:
+                        logged = False
+        if logged:
             for i in range(n):
                 r = &self.batch[i]
                 if r.cmd == CMD_WRITE:
-                    first = r.offset >> c.t_shift
-                    last = (r.offset + r.length - 1) >> c.t_shift
+                    first = r.offset >> self.conn.t_shift
+                    last = (r.offset + r.length - 1) >> self.conn.t_shift
                     for k in range(first, last + 1):
-                        if hot[k] == REGION_COLD:
-                            logged = False
-            if logged:
-                for i in range(n):
-                    r = &self.batch[i]
-                    if r.cmd == CMD_WRITE:
-                        first = r.offset >> c.t_shift
-                        last = (r.offset + r.length - 1) >> c.t_shift
-                        for k in range(first, last + 1):
-                            hot[k] = REGION_WRITTEN
-                        c.t_bitmap.mark_range(r.offset, r.length)
-        finally:
-            c.t_release()
+                        self.conn.t_hot[k] = REGION_WRITTEN
+                    if self.conn.t_bitmap.mark_range_nogil(r.offset, r.length) != 0:
+                        logged = False
+        self.conn.t_mutex.unlock()
         return logged

@@ -17,12 +17,13 @@ import logging
 import os
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import crc32c
 import numpy as np
 
+from shadowblk._native.blockcrc import store_crc32c
 from shadowblk.integrity.blockcrc import block_crc32c
 from shadowblk.integrity.crc_scan import checksum_file, file_size
 
@@ -183,6 +184,9 @@ class ChecksumMap:
         bs = self.block_size
         lo = offset - offset % bs
         hi = -(-end // bs) * bs
+        if offset == lo and end == hi:
+            store_crc32c(self.crcs, bs, ((offset, view),))
+            return
         if offset != lo or end not in (hi, self.size):
             if read is None:
                 raise ValueError(
@@ -193,6 +197,14 @@ class ChecksumMap:
         elif end != hi:  # a block-aligned write ending at the end of an odd-sized volume
             view = memoryview(bytes(view) + bytes(hi - end))
         self.crcs[lo // bs : hi // bs] = block_crc32c(view, bs)
+
+    def update_whole_blocks(self, writes: Sequence[tuple[int, bytes]], start: int = 0) -> int:
+        """The hot path of a batch of writes: checksum them in C straight into the map, from
+        index START on, up to the first write that is not whole blocks; returns its index
+        (len(writes) when none is), which the caller passes to update()."""
+        self._require_writable()
+        self._dirty()
+        return store_crc32c(self.crcs, self.block_size, writes, start)
 
     def _overlay(
         self, lo: int, hi: int, offset: int, view: memoryview, read: ReadBlock

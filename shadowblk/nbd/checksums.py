@@ -71,14 +71,18 @@ class ChecksumObserver:
             self._changed = True
 
     def on_writes(self, writes: Sequence[tuple[int, bytes]]) -> None:
-        """A batch from the native loop, none of it on the volume yet: the rest of a partially
-        written block is read from the volume with the batch's earlier writes laid over it."""
+        """A batch from the native loop, none of it on the volume yet: whole-block writes are
+        checksummed in C; the rest of a partially written block is read from the volume with
+        the batch's earlier writes laid over it. In order, so a later write of a block wins."""
         with self._lock:
-            for i, (offset, data) in enumerate(writes):
+            i = 0
+            while (i := self.map.update_whole_blocks(writes, i)) < len(writes):
+                offset, data = writes[i]
                 earlier = writes[:i]
                 self.map.update(
                     offset, data, read=lambda at, n, e=earlier: _overlaid(self._read(at, n), at, e)
                 )
+                i += 1
             self._changed = True
 
     def on_trim(self, offset: int, length: int) -> None:

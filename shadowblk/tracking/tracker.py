@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from shadowblk._native.mutex import Mutex
 from shadowblk.tracking.activity_log import (
     ActivityLog,
     ActivityLogCorruptError,
@@ -134,12 +135,13 @@ _AGE = bytes.maketrans(bytes([COLD, CARRIED, WRITTEN]), bytes([COLD, COLD, CARRI
 class WriteTracker:
     """Marks every write before it is issued and keeps that knowledge durable in STATE_DIR.
 
-    `hot` (one byte per region), `region_shift`, `lock` and `bitmap` are also read by the
-    Cython transmission loop, which marks writes into already-logged regions itself, under
-    `lock`, and calls before_writes() only when a region must be logged first. Whichever loop
-    serves a write holds `ordering` from the observer call (on_write, or observe_writes() for a
-    native batch) through the volume change, so that observers see overlapping writes of
-    different connections in the order the volume does.
+    `hot` (one byte per region, never resized), `region_shift`, `lock` and `bitmap` are also
+    used by the Cython transmission loop, which marks writes into already-logged regions
+    itself, without the GIL, under `lock` (a native Mutex: every use of `hot` and `bitmap`
+    holds it, not the GIL), and calls before_writes() only when a region must be logged first.
+    Whichever loop serves a write holds `ordering` from the observer call (on_write, or
+    observe_writes() for a native batch) through the volume change, so that observers see
+    overlapping writes of different connections in the order the volume does.
     """
 
     def __init__(
@@ -172,7 +174,7 @@ class WriteTracker:
             DirtyBitmap(size, block_size)  # validates the geometry before anything is written
             (state_dir / GEOMETRY_FILE).write_text(json.dumps(geometry))
             self.bitmap = DirtyBitmap(size, block_size)
-        self.lock = threading.Lock()
+        self.lock = Mutex()
         self._checkpoint_lock = threading.Lock()
         self.hot = bytearray(((size - 1) >> self.region_shift) + 1)
         self._log = ActivityLog(state_dir)

@@ -85,3 +85,30 @@ def test_hardware_detection_matches_the_cpu() -> None:
     with open("/proc/cpuinfo") as cpuinfo:
         flags = cpuinfo.read()
     assert hardware_crc32c() == (" sse4_2" in flags)
+
+
+@pytest.mark.parametrize("block_size", [512, 4096])
+def test_store_writes_whole_blocks_in_place_and_stops_at_a_partial_one(block_size: int) -> None:
+    rng = np.random.default_rng(7)
+    entries = np.zeros(16, dtype="<u4")
+    first, second = rng.bytes(2 * block_size), rng.bytes(block_size)
+    writes = [
+        (0, first),
+        (5 * block_size, bytearray(second)),  # any buffer
+        (3 * block_size + 1, rng.bytes(block_size)),  # partial: the caller's slower path
+        (9 * block_size, rng.bytes(block_size)),
+    ]
+    assert native.store_crc32c(entries, block_size, writes) == 2
+    assert entries[:2].tolist() == per_block(first, block_size)
+    assert entries[5] == crc32c.crc32c(second)
+    assert entries[3] == entries[4] == entries[9] == 0
+    assert native.store_crc32c(entries, block_size, writes, 3) == 4
+    assert entries[9] == crc32c.crc32c(writes[3][1])
+
+
+def test_store_refuses_writes_past_the_map_and_odd_lengths() -> None:
+    entries = np.zeros(4, dtype="<u4")
+    assert native.store_crc32c(entries, 4096, [(3 * 4096, bytes(8192))]) == 0
+    assert native.store_crc32c(entries, 4096, [(0, bytes(4095))]) == 0
+    assert native.store_crc32c(entries, 4096, [(0, b"")]) == 0
+    assert not entries.any()

@@ -214,19 +214,14 @@ def test_refused_writes_fail_with_the_observers_error(srv: Running) -> None:
     assert srv.image.read_bytes()[40960:45056] == before[40960:45056]
 
 
-def test_checksum_batch_lays_earlier_writes_over_partial_blocks(tmp_path: Path) -> None:
-    """A batch of overlapping unaligned writes, none of it on the volume yet when the map sees
-    it: the map must equal the one built from the volume once the batch is written."""
+def _assert_batch_map_matches_volume(tmp_path: Path, writes: list[tuple[int, bytes]]) -> None:
+    """The map after on_writes(WRITES), none of it on the volume yet when the map sees it,
+    must equal the one built from the volume once the batch is written."""
     image = tmp_path / "vol.img"
     image.write_bytes(np.random.default_rng(3).bytes(SIZE))
     backend = Backend.open(image, None, False)
     (tmp_path / "state").mkdir()
     observer = ChecksumObserver(tmp_path / "state", backend, 4096, checkpoint=3600)
-    rng = np.random.default_rng(4)
-    writes = []
-    for _ in range(40):
-        length = int(rng.integers(1, 9000))
-        writes.append((int(rng.integers(0, 5 * 4096)), rng.bytes(length)))
     observer.on_writes(writes)
     for offset, data in writes:
         backend.pwrite(data, offset)
@@ -235,3 +230,26 @@ def test_checksum_batch_lays_earlier_writes_over_partial_blocks(tmp_path: Path) 
     expected.close()
     observer.close()
     backend.close()
+
+
+def test_checksum_batch_lays_earlier_writes_over_partial_blocks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    writes = []
+    for _ in range(40):
+        length = int(rng.integers(1, 9000))
+        writes.append((int(rng.integers(0, 5 * 4096)), rng.bytes(length)))
+    _assert_batch_map_matches_volume(tmp_path, writes)
+
+
+def test_checksum_batch_mixes_whole_block_and_partial_writes_in_order(tmp_path: Path) -> None:
+    """Whole-block writes take the C path, partial ones the overlay path; interleaved over the
+    same few blocks, each block's entry must still come from the last write of it."""
+    rng = np.random.default_rng(5)
+    writes = []
+    for i in range(60):
+        if i % 3:
+            block, count = int(rng.integers(0, 6)), int(rng.integers(1, 3))
+            writes.append((block * 4096, rng.bytes(count * 4096)))
+        else:
+            writes.append((int(rng.integers(0, 6 * 4096)), rng.bytes(int(rng.integers(1, 6000)))))
+    _assert_batch_map_matches_volume(tmp_path, writes)
