@@ -10,7 +10,7 @@ import click
 from shadowblk import __version__
 from shadowblk.cli.output import emit, json_option
 
-NATIVE_MODULES = ("bitmap", "blockcrc")
+NATIVE_MODULES = ("bitmap", "blockcrc", "mutex", "nbdloop")
 TOOLS = {
     "qemu-img": "qemu-utils",
     "qemu-io": "qemu-utils",
