@@ -134,7 +134,10 @@ def test_silent_servers_go_down_and_come_back(procs: Processes, tmp_path: Path) 
         client.heartbeat("s1", used_bytes=GiB, latency_ms={"p99": 3.5})["server"]["state"] == "up"
     )
     s1 = client.server("s1")
-    assert s1["used_bytes"] == GiB and s1["health"] == {"latency_ms": {"p99": 3.5}}
+    assert s1["used_bytes"] == GiB and s1["health"]["latency_ms"] == {"p99": 3.5}
+    # the manager adds its own failure estimate to what the agent sent
+    assert set(s1["health"]) == {"latency_ms", "failure"}
+    assert 0 <= s1["health"]["failure"]["probability"] <= 1
     kinds = [(e["kind"], e["subject"]) for e in client.events()]
     assert ("server-down", "s1") in kinds
     assert kinds[-1] == ("server-up", "s1")
