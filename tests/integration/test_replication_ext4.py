@@ -30,11 +30,15 @@ ITERATIONS = 3
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: losetup and mount")
 
 
+KEEP_FILES = 100  # at most ~25 MiB of kept files: the file systems here are 64 MiB
+
+
 def writer(
     mnt: Path, rng: random.Random, stop: threading.Event, fsyncs: list[int], kept: dict[str, bytes]
 ) -> None:
     """Files created, written, fsynced, renamed and unlinked until STOP or an I/O error. KEPT
-    gets the content of the fsynced files that are never renamed nor unlinked afterwards."""
+    gets the content of the fsynced files that are never renamed nor unlinked afterwards (the
+    newest KEEP_FILES of them: older ones are unlinked)."""
     n = 0
     try:
         while not stop.is_set():
@@ -51,6 +55,10 @@ def writer(
             fsyncs[0] += 1
             if n % 3:
                 kept[str(path.relative_to(mnt))] = data
+                if len(kept) > KEEP_FILES:  # bounded: a fast volume must not fill the fs
+                    oldest = next(iter(kept))
+                    (mnt / oldest).unlink()
+                    del kept[oldest]
             if n % 3 == 0:
                 os.rename(path, path.with_suffix(".old"))
             if n % 5 == 0:
