@@ -25,7 +25,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import zstandard
 import shadowblk
 from shadowblk.delta.replicator import Replicator
 from shadowblk.delta.sources import segments
+from tools.bench.workdir import scratch
 
 ROOT = Path(shadowblk.__file__).resolve().parents[1]  # the shadow runs the same code
 MiB = 1 << 20
@@ -301,13 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
     args = parser.parse_args(argv or [])
     size = args.size * MiB
-    work = Path(tempfile.mkdtemp(prefix="bench-repl-", dir=args.dir))
-    try:
+    with scratch("bench-repl-", args.dir) as work:
         results = {
             name: measure(work, name, size, args.level, args.rounds) for name in ("random", "ext4")
         }
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     report(args.size, args.level, args.rounds, results)
 
 

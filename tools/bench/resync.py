@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from pathlib import Path
 from shadowblk.delta.frames import FLAG_HMAC, HEADER_SIZE, TAG_SIZE, FrameType, decode_header
 from shadowblk.nbd.replication import StatusUnavailable, read_status
 from tests.procs import SHADOWBLK, Processes, free_port
+from tools.bench.workdir import scratch
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -298,11 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args(argv or [])
-    work = Path(tempfile.mkdtemp(prefix="bench-resync-", dir=args.dir))
-    try:
+    with scratch("bench-resync-", args.dir) as work:
         result = measure(work, args.size, args.away, args.seed, args.rate_iops)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     report(result)
     if args.json:
         print(json.dumps(result))

@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from shadowblk.nbd.replication import StatusUnavailable, read_status
 from tests.procs import SHADOWBLK, Processes
+from tools.bench.workdir import scratch
 
 WORKLOADS = [
     ("4k randwrite qd16", "randwrite", "4k", 16),
@@ -135,11 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256, help="MiB per volume (default 256)")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
     args = parser.parse_args(argv or [])
-    work = Path(tempfile.mkdtemp(prefix="bench-shadowcost-", dir=args.dir))
-    try:
+    with scratch("bench-shadowcost-", args.dir) as work:
         results = measure(work, args.rounds, args.seconds, args.size)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     report(results, args.rounds, args.seconds)
 
 
