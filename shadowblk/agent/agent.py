@@ -11,19 +11,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shadowblk.agent import health
+from shadowblk.agent import health, notify
 from shadowblk.agent.control import serve_control
+from shadowblk.agent.devices import EMERGENCY_TIMEOUT_S, DeviceWatch
 from shadowblk.agent.discrepancy_feed import DiscrepancyFeed
 from shadowblk.agent.exporter import serve_metrics
 from shadowblk.agent.hosting import Endpoint, Hosting, Replication
 from shadowblk.agent.metrics import AgentMetrics
 from shadowblk.agent.smart_source import LiveSmart, ReplaySmart
+from shadowblk.agent.udev_watch import UdevWatcher
 from shadowblk.manager.client import Client, ManagerError
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ class Config:
     metrics_listen: Endpoint | None
     smart_replay: ReplaySmart | None = None  # instead of smartctl (--smart-replay)
     control_listen: Endpoint | None = None  # default: --listen's host, any free port
+    watch_udev: bool = False  # a lost primary device asks for an emergency switchover at once
+    run_dir: Path | None = None  # agent.json for `shadowblk notify-device` (udev's RUN)
 
 
 def allocated_bytes(root: Path) -> int:
@@ -85,9 +90,39 @@ class Agent:
         self.discrepancies = DiscrepancyFeed(self.hosting.primaries_dir, self.metrics)
         self.registered = self._announced = False
         self._last_error = ""
+        self.devices = DeviceWatch(
+            Client(config.manager, config.token, timeout_s=EMERGENCY_TIMEOUT_S),
+            config.name,
+            self.primaries,
+        )
         listen = config.control_listen or Endpoint(config.listen.host, 0)
-        self.control = serve_control(listen, self.hosting, config.token)
+        local_token = secrets.token_hex(16)
+        self.control = serve_control(
+            listen, self.hosting, config.token, self.devices.event, local_token
+        )
         self.control_address = listen.with_port(self.control.server_port)
+        self.watcher = self._watch_udev() if config.watch_udev else None
+        if config.run_dir is not None:
+            try:
+                notify.publish(config.run_dir, self.control_address, local_token)
+            except OSError as err:  # the watcher still reports; udev's RUN cannot
+                log.warning("cannot write %s: %s", config.run_dir / notify.RUN_FILE, err)
+
+    def _watch_udev(self) -> UdevWatcher | None:
+        """The pyudev watcher feeding DeviceWatch; None (said) if udev cannot be listened to."""
+        watcher = UdevWatcher(self.devices.event)
+        try:
+            watcher.start()
+        except OSError as err:
+            log.warning("not watching udev: %s", err)
+            return None
+        log.info("watching udev for devices tagged shadowblk")
+        return watcher
+
+    def primaries(self) -> list[str]:
+        """The volumes this agent hosts as primary now."""
+        with self.hosting.lock:
+            return [n for n, rec in self.hosting.volumes.items() if rec["role"] == "primary"]
 
     def shadow_address(self, server: str) -> str:
         """Where SERVER's shadow server listens, from the manager (LookupError: not known now)."""
@@ -115,6 +150,11 @@ class Agent:
                 self.hosting.wake.wait(TICK_S)  # or at once when the control endpoint asks
                 self.hosting.wake.clear()
         finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+            if self.config.run_dir is not None:
+                notify.unpublish(self.config.run_dir)
+            self.devices.stop()
             self.control.shutdown()
             self.hosting.stop()
             self.hosting.save()
@@ -128,6 +168,7 @@ class Agent:
                 raise RuntimeError(f"the shadow server did not start: {reason}")
             child.tick(time.monotonic())
             time.sleep(0.05)
+        self.hosting.note_shadow_ports()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -178,6 +219,7 @@ class Agent:
             "rack": c.rack,
             "address": c.listen.with_port(self.hosting.shadow_port),
             "control_address": self.control_address,
+            "verify_address": c.listen.with_port(self.hosting.verify_port),
             "nbd_address": c.nbd_listen.with_port(c.nbd_listen.port),
             "capacity_bytes": self._space()[0],
             "drive_models": health.drive_models(self.smart),

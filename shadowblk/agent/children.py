@@ -81,6 +81,13 @@ class ReadyLine:
                     self.url = line.removeprefix("ready ").strip()
         return self.url
 
+    def line(self, prefix: str) -> str | None:
+        """What followed PREFIX on a line printed so far (before the ready line, say)."""
+        for line in self.buf.decode(errors="replace").splitlines():
+            if line.startswith(prefix):
+                return line.removeprefix(prefix).strip()
+        return None
+
 
 def wait_ready(proc: subprocess.Popen, what: str, timeout: float) -> str:
     """Block until PROC (WHAT, for errors) prints `ready URL`; RuntimeError if it exits or is
@@ -152,6 +159,20 @@ class Child:
         log.info("starting %s: %s", self.name, " ".join(argv))
         self.proc, self._started = spawn(argv), now
         self.ready = ReadyLine(self.proc)
+
+    def hand_off(self) -> subprocess.Popen | None:
+        """Detach the running process for another Child to adopt; the next tick starts a new
+        one (a zygote handed over, not a failure)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return None
+        self.proc, self.ready, self.url, self._next_start = None, None, None, 0.0
+        return proc
+
+    def adopt(self, proc: subprocess.Popen) -> None:
+        """Supervise PROC, started elsewhere (a zygote), as if this Child had started it."""
+        self.proc, self._started = proc, time.monotonic()
+        self.ready = ReadyLine(proc)
 
     def terminate(self) -> subprocess.Popen | None:
         """SIGTERM it without waiting; the next tick after it exited starts it again (no

@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 
 from shadowblk.agent import switch
 from shadowblk.agent.children import SHADOWBLK, Child
-from shadowblk.agent.roles import RoleChanges, control_socket, shadow_servers
+from shadowblk.agent.roles import Prepared, RoleChanges, control_socket, shadow_servers
 from shadowblk.nbd.replication import StatusUnavailable, read_status
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Hosting(RoleChanges):
         self.orders_since: int = saved.get("orders_since", 0)
         self.volumes: dict[str, dict[str, Any]] = saved.get("volumes", {})
         self.shadow_port: int = saved.get("shadow_port") or listen.port
+        self.verify_port: int = saved.get("verify_port") or 0  # the shadows' verify port
         self.listen = listen
         self.lock = threading.RLock()  # the loop's ticks and orders, the control endpoint's calls
         self.leases: dict[str, float] = {}  # volume -> monotonic end of its write lease
@@ -88,11 +90,14 @@ class Hosting(RoleChanges):
         self.standby: dict[str, Child] = {}  # shadows about to be promoted, `serve --standby`
         self.restart_shadow_server = False
         self.shadow_held_until = 0.0  # monotonic: the shadow server stays stopped until then
+        self.shadow_holds: dict[str, float] = {}  # volume -> monotonic end: refused by it
+        self.prepared: dict[str, Prepared] = {}  # the standbys' volumes
         self.wake = threading.Event()  # set: the agent's loop ticks at once
         self.calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._starter = threading.Thread(target=self._run_calls, name="starter", daemon=True)
         self._starter.start()
         self.shadow_child = Child("shadow server", self._shadow_argv)
+        self.zygote = Child("zygote", self._zygote_argv)  # the next standby `serve`, pre-loaded
         self.children: dict[str, Child] = {
             name: self._primary_child(name)
             for name, rec in self.volumes.items()
@@ -111,6 +116,7 @@ class Hosting(RoleChanges):
         doc = {
             "orders_since": self.orders_since,
             "shadow_port": self.shadow_port,
+            "verify_port": self.verify_port,
             "volumes": self.volumes,
         }
         tmp = self.state_file.with_suffix(".tmp")
@@ -125,9 +131,15 @@ class Hosting(RoleChanges):
         return [
             *SHADOWBLK, "shadow",
             "--listen", self.listen.with_port(self.shadow_port),
+            "--verify-listen", self.listen.with_port(self.verify_port),
             "--data-dir", str(self.shadows_dir),
             "--hmac-key-file", str(self.replication.hmac_key_file),
+            "--control-socket", str(self.shadow_control),
+            *(f"--hold={name}={left:.3f}" for name, left in self.holds_left().items()),
         ]  # fmt: skip
+
+    def _zygote_argv(self) -> list[str]:
+        return [sys.executable, "-m", "shadowblk.agent.zygote", str(self.zygote_socket)]
 
     def _primary_child(self, name: str) -> Child:
         return Child(f"primary {name}", lambda: self._serve_argv(name, self.volumes[name]))
@@ -192,9 +204,7 @@ class Hosting(RoleChanges):
                 self.shadow_child.terminate()  # it reads its volumes' states again at start
             if now >= self.shadow_held_until:
                 self.shadow_child.tick(now)
-            if self.shadow_child.url and url_port(self.shadow_child.url) != self.shadow_port:
-                self.shadow_port = url_port(self.shadow_child.url)
-                self.save()
+            self.note_shadow_ports()
             for name, child in self.children.items():
                 child.tick(now)
                 rec = self.volumes[name]
@@ -203,13 +213,29 @@ class Hosting(RoleChanges):
                     self.save()
                 if child.url and self._leased.get(name) != self.leases.get(name):
                     self._push_lease(name)
+            self.expire_standbys(now)
+            if any(rec["role"] == "shadow" for rec in self.volumes.values()):
+                self.zygote.tick(now)  # a promotion's standby starts from it
             for child in self.standby.values():
                 child.tick(now)
+
+    def note_shadow_ports(self) -> None:
+        """Remember the ports the shadow server bound (port 0 at its first start), so that a
+        restart keeps the addresses registered with the manager."""
+        with self.lock:
+            child = self.shadow_child
+            if child.url is None or child.ready is None:
+                return
+            verify = child.ready.line("verify ")
+            ports = (url_port(child.url), url_port(verify) if verify else self.verify_port)
+            if ports != (self.shadow_port, self.verify_port):
+                self.shadow_port, self.verify_port = ports
+                self.save()
 
     def stop(self) -> None:
         """Stop the primaries first (they ship to shadows), then the shadow server."""
         with self.lock:
-            for child in [*self.children.values(), *self.standby.values()]:
+            for child in [*self.children.values(), *self.standby.values(), self.zygote]:
                 child.stop()
             self.shadow_child.stop()
 

@@ -33,10 +33,16 @@ def _token(token_file: Path | None) -> str | None:
         return None  # reads need no token; a change will say it needs one
 
 
-def with_client(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --manager and --token-file to a command and pass it a Client as `client`."""
-
-    @click.option(
+def manager_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --manager (as `manager_url`) and --token-file to a command."""
+    fn = click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="The bearer token for changes [else env SHADOWBLK_TOKEN, else "
+        f"{DEFAULT_TOKEN_FILE} if readable].",
+    )(fn)
+    return click.option(
         "--manager",
         "manager_url",
         envvar="SHADOWBLK_MANAGER",
@@ -44,25 +50,29 @@ def with_client(fn: Callable[..., Any]) -> Callable[..., Any]:
         show_default=True,
         help="The manager's URL, or several comma-separated (any of the fleet's managers) "
         "[env SHADOWBLK_MANAGER].",
-    )
-    @click.option(
-        "--token-file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="The bearer token for changes [else env SHADOWBLK_TOKEN, else "
-        f"{DEFAULT_TOKEN_FILE} if readable].",
-    )
+    )(fn)
+
+
+def make_client(manager_url: str, token_file: Path | None) -> Client:
+    """The client of --manager with the token (ManagerError: a URL that is not one)."""
+    return Client(manager_url, _token(token_file))
+
+
+def with_client(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --manager and --token-file to a command and pass it a Client as `client`."""
+
+    @manager_options
     @wraps(fn)
     def wrapper(manager_url: str, token_file: Path | None, **kw: Any) -> Any:
         try:
-            return fn(client=Client(manager_url, _token(token_file)), **kw)
+            return fn(client=make_client(manager_url, token_file), **kw)
         except ManagerError as err:
-            raise click.ClickException(_explain(err)) from None
+            raise click.ClickException(explain(err)) from None
 
     return wrapper
 
 
-def _explain(err: ManagerError) -> str:
+def explain(err: ManagerError) -> str:
     """The manager's message, with a hint where the fix is on this side."""
     if err.status == 401:
         return f"{err.error}: give --token-file or set SHADOWBLK_TOKEN"

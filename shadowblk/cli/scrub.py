@@ -2,58 +2,33 @@
 the good side, record what was found. Exit code for cron: 0 clean, 1 found and repaired,
 2 found and not (all) repaired, or the scrub could not finish.
 
-Two forms: files at rest (`--image/--map`, optionally a peer copy), scrubbed here; and a
+Local forms: files at rest (`--image/--map`, optionally a peer copy), scrubbed here; and a
 volume a running `serve` holds (`--state-dir DIR`), scrubbed by that server through its
 DIR/scrub.sock (shadowblk.nbd.scrub_control), which streams progress and the report back.
+Fleet forms (`VOLUME`, `--all`): through the manager and the primary's agent (scrub_fleet).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import click
 
+from shadowblk.cli import scrub_fleet
 from shadowblk.cli.output import emit, json_option
+from shadowblk.cli.remote import make_client, manager_options
+from shadowblk.cli.scrub_output import MB, UNFINISHED, follow, progressbar, render
 from shadowblk.integrity.checksum_map import ChecksumMap, MapBusyError
 from shadowblk.integrity.discrepancies import FILENAME, DiscrepancyLog
 from shadowblk.integrity.scrub import ScanOptions, ScrubReport, Side, scrub_one, scrub_pair
+from shadowblk.manager.client import ManagerError
 from shadowblk.nbd import scrub_control
 
-MB = 1_000_000
-UNFINISHED = 2  # like "found, not repaired": the volume is not known to be clean
 existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 map_file = click.Path(dir_okay=False, path_type=Path)
-
-
-@contextmanager
-def _progressbar(total: int, quiet: bool) -> Iterator[Any]:
-    """A click progress bar on stderr (none when quiet or when stderr is not a terminal)."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    with click.progressbar(length=total, label="scrub", file=sys.stderr) as bar:
-        yield bar
-
-
-def _render(data: dict) -> str:
-    lines = [
-        f"scrubbed {data['volume']}: {data['bytes_scanned'] / MB:.1f} MB in {data['seconds']:.2f}s"
-    ]
-    lines += [
-        f"warning: {w} (map rebuilt from the data; not re-read)" for w in data["rebuilt_maps"]
-    ]
-    for d in data["discrepancies"]:
-        state = "repaired" if d["repaired"] else "NOT repaired"
-        lines.append(
-            f"block {d['block']} (offset {d['offset']}): {d['side']} {d['kind']}, {state}"
-            + (f" ({d['detail']})" if d["detail"] else "")
-        )
-    lines.append({0: "clean", 1: "found and repaired", 2: "found, not repaired"}[data["exit_code"]])
-    return "\n".join(lines)
 
 
 def run_scrub(
@@ -82,7 +57,7 @@ def _scrub_files(
             cmap = ChecksumMap.open_or_rebuild(mp, img, block_size, writable=repair)
             stack.enter_context(cmap)
             sides.append(Side(name, img, cmap))
-        bar = stack.enter_context(_progressbar(sum(s.map.size for s in sides), quiet))
+        bar = stack.enter_context(progressbar(sum(s.map.size for s in sides), quiet))
         options = ScanOptions(
             rate=rate * MB if rate else None, direct=direct, progress=bar.update if bar else None
         )
@@ -101,22 +76,24 @@ def _scrub_live(
     """Have the server holding STATE_DIR scrub its volume; the report it sends back."""
     request = {"op": "scrub", "repair": repair, "rate": rate * MB if rate else None}
     request |= {"shadow": shadow, "server": server}
-    with ExitStack() as stack:
-        bar, opened, shown = None, False, 0
-        for answer in scrub_control.ask(state_dir, request):
-            if "report" in answer:
-                return answer["report"]
-            if "error" in answer:
-                raise ValueError(answer["error"])
-            if not opened:  # the first progress line says how much there is to scan
-                bar, opened = stack.enter_context(_progressbar(answer["total"], quiet)), True
-            if bar is not None:
-                bar.update(answer["done"] - shown)
-            shown = answer["done"]
-    raise ValueError("the server closed the connection before its report")
+    return follow(scrub_control.ask(state_dir, request), quiet)
+
+
+def _local_form_only(ctx: click.Context) -> None:
+    """--manager and --token-file given on the command line go with VOLUME or --all only."""
+    for name, flag in (("manager_url", "--manager"), ("token_file", "--token-file")):
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"{flag} goes with VOLUME or --all (scrubs through the manager)")
 
 
 @click.command("scrub")
+@click.argument("volume", required=False)
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Scrub every volume of the fleet, through the manager, one after the other.",
+)
 @click.option("--image", type=existing_file, help="The volume's data file (at rest).")
 @click.option("--map", "map_path", type=map_file, help="Its checksum map.")
 @click.option(
@@ -146,7 +123,12 @@ def _scrub_live(
 )
 @click.option("--server", help="Server name in the records [default: this host's name].")
 @json_option
+@manager_options
+@click.pass_context
 def command(
+    ctx: click.Context,
+    volume: str | None,
+    every: bool,
     image: Path | None,
     map_path: Path | None,
     state_dir: Path | None,
@@ -160,13 +142,40 @@ def command(
     record: Path | None,
     server: str | None,
     as_json: bool,
+    manager_url: str,
+    token_file: Path | None,
 ) -> None:
-    """Check every block of --image against --map (and of a peer copy against its map), or of
-    the volume a running server holds (--state-dir, and its shadow with --shadow-verify).
+    """Check every block of a volume against its checksum map, and repair (--repair) each bad
+    block from the side that holds the truth. Four forms:
 
-    A missing, truncated or corrupt map is rebuilt from the data with a warning, never trusted.
-    With a peer, each bad block is repaired (--repair) from the side that holds the truth.
+    \b
+    shadowblk scrub VOLUME    the fleet's VOLUME, by its primary's agent, against its shadows
+    shadowblk scrub --all     every volume of the fleet, one after the other
+    shadowblk scrub --state-dir DIR [--shadow-verify H:P]   the volume a running `serve` holds
+    shadowblk scrub --image F --map M [--peer-image --peer-map]   files at rest
+
+    VOLUME and --all go through the manager (--manager, or env SHADOWBLK_MANAGER). A missing,
+    truncated or corrupt map is rebuilt from the data with a warning, never trusted. Exit code
+    (--all: the worst over the volumes): 0 clean, 1 found and repaired, 2 found and not
+    repaired, or the scrub could not run.
     """
+    if volume is not None or every:
+        if volume is not None and every:
+            raise click.UsageError("give VOLUME or --all, not both")
+        local = (state_dir, shadow_verify, image, map_path, peer_image, peer_map, block_size,
+                 record, server)  # fmt: skip
+        if any(v is not None for v in local) or direct:
+            raise click.UsageError(
+                "VOLUME and --all scrub through the manager, which knows where the volume and "
+                "its shadows are: they go without --state-dir, --shadow-verify, the file "
+                "options and --server"
+            )
+        try:
+            client = make_client(manager_url, token_file)
+        except ManagerError as err:
+            raise click.UsageError(str(err)) from None
+        sys.exit(scrub_fleet.run(client, volume, repair, rate, as_json))
+    _local_form_only(ctx)
     if state_dir is not None:
         if image or map_path or peer_image or peer_map or block_size or direct or record:
             raise click.UsageError("--state-dir goes without the file options")
@@ -182,7 +191,7 @@ def command(
         except ValueError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(UNFINISHED)
-        emit(data, as_json, _render)
+        emit(data, as_json, render)
         sys.exit(data["exit_code"])
     if image is None or map_path is None or shadow_verify is not None:
         raise click.UsageError("give --image and --map (files at rest) or --state-dir (served)")
@@ -200,5 +209,5 @@ def command(
         served = " (served: scrub it with --state-dir)" if isinstance(exc, MapBusyError) else ""
         click.echo(f"error: scrub did not finish: {exc}{served}", err=True)
         sys.exit(UNFINISHED)
-    emit(report.as_dict(log.path, rebuilt), as_json, _render)
+    emit(report.as_dict(log.path, rebuilt), as_json, render)
     sys.exit(report.exit_code)

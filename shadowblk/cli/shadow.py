@@ -35,14 +35,34 @@ def parse_volume_paths(values: tuple[str, ...]) -> dict[str, Path]:
     return devices
 
 
+def parse_holds(values: tuple[str, ...]) -> dict[str, float]:
+    holds = {}
+    for value in values:
+        vid, sep, seconds = value.partition("=")
+        try:
+            holds[vid] = float(seconds)
+        except ValueError:
+            sep = ""
+        if not sep or not VOLUME_ID.match(vid):
+            raise click.BadParameter(f"{value!r} is not VOLUME=SECONDS", param_hint="--hold")
+    return holds
+
+
 async def _serve(
-    server: ShadowServer, host: str, port: int, verify: tuple[str, int] | None
+    server: ShadowServer,
+    host: str,
+    port: int,
+    verify: tuple[str, int] | None,
+    control_socket: Path | None = None,
 ) -> None:
     verifier = None
+    control = await server.serve_control(control_socket) if control_socket else None
     if verify is not None:  # bound first: `ready` means both ports answer
         service = tree_service.TreeService(server.data_dir, server.key, server.tls, server.devices)
         verifier = await tree_service.start(service, *verify)
-        log.info("verify port: verify://%s:%d", verify[0], verifier.sockets[0].getsockname()[1])
+        url = f"verify://{verify[0]}:{verifier.sockets[0].getsockname()[1]}"
+        log.info("verify port: %s", url)
+        print(f"verify {url}", flush=True)  # before `ready`: the port bound for port 0
     listener = await asyncio.start_server(server.handle, host, port, ssl=server.tls)
     bound = listener.sockets[0].getsockname()
     stop = asyncio.Event()
@@ -55,6 +75,8 @@ async def _serve(
     listener.close()
     if verifier is not None:
         verifier.close()
+    if control is not None:
+        control.close()
     await server.close()
     await listener.wait_closed()
 
@@ -92,7 +114,21 @@ async def _serve(
     default=None,
     metavar="HOST:PORT",
     help="Also answer `shadowblk verify` (hash-tree compare of the volumes' checksum maps) "
-    "on HOST:PORT, with the same authentication; by convention the --listen port + 1.",
+    "on HOST:PORT, with the same authentication; by convention the --listen port + 1 "
+    "(port 0: any free port, printed as `verify verify://HOST:PORT`).",
+)
+@click.option(
+    "--control-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Unix socket through which the agent hands one volume over at a switchover "
+    "(release, adopt) while the others keep streaming (docs/switchover.md).",
+)
+@click.option(
+    "--hold",
+    "holds",
+    multiple=True,
+    metavar="VOLUME=SECONDS",
+    help="Refuse streams for VOLUME for SECONDS from the start (it changes role). Repeatable.",
 )
 def command(
     listen: str,
@@ -103,14 +139,18 @@ def command(
     tls_ca: Path | None,
     volume_paths: tuple[str, ...],
     verify_listen: str | None,
+    control_socket: Path | None,
+    holds: tuple[str, ...],
 ) -> None:
     """Receive delta streams from primaries and keep DIR/<volume>.img at an exact past state.
 
     Needs an authentication: --hmac-key-file, or --tls-cert/--tls-key/--tls-ca, or both.
-    Prints `ready shadow://HOST:PORT` once listening; SIGTERM stops it cleanly.
+    Prints `ready shadow://HOST:PORT` once listening (after `verify verify://HOST:PORT` with
+    --verify-listen); SIGTERM stops it cleanly.
     """
     host, port = parse_listen(listen)
     verify = parse_listen(verify_listen) if verify_listen else None
+    held = parse_holds(holds)
     tls_opts = (tls_cert, tls_key, tls_ca)
     if any(tls_opts) and not all(tls_opts):
         raise click.UsageError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
@@ -126,9 +166,9 @@ def command(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
         )
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    server = ShadowServer(data_dir, key, tls, parse_volume_paths(volume_paths))
+    server = ShadowServer(data_dir, key, tls, parse_volume_paths(volume_paths), held)
     try:
-        asyncio.run(_serve(server, host, port, verify))
+        asyncio.run(_serve(server, host, port, verify, control_socket))
     except OSError as exc:
         click.echo(f"shadow: cannot listen: {exc}", err=True)
         sys.exit(1)

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from shadowblk.manager import metrics
+from shadowblk.manager import metrics, scrubs
 from shadowblk.manager.alerts import config as alerts_config
 from shadowblk.manager.api_errors import ApiError, json_errors
 from shadowblk.manager.api_schema import check, document
@@ -108,6 +108,23 @@ class Api:
         switchovers = self.manager.switchovers
         return web.json_response(await switchovers.planned(name, body.get("to"), reason, fence))
 
+    async def device_lost(self, request: web.Request) -> web.Response:
+        """The primary's agent saw the volume's device go (udev): an emergency switchover now."""
+        name = _name(request)
+        fence = await self._may_change(request)
+        body = await _body(request, "DeviceLost")
+        reason = body.get("reason") or "the primary's device is gone"
+        record = await self.manager.switchovers.lost(name, body.get("server"), reason, fence)
+        return web.json_response(record)
+
+    async def scrub(self, request: web.Request) -> web.StreamResponse:
+        """The live scrub of a volume by its primary's agent, its answer lines streamed."""
+        name = _name(request)
+        await self._may_change(request)  # with --repair it writes: the leader's, as changes
+        body = await _body(request, "ScrubRequest")
+        where = await self.manager.run(scrubs.plan, self.manager.store, name)
+        return await scrubs.forward(request, name, where, body, self.token)
+
     async def drain_server(self, request: web.Request) -> web.Response:
         name = _name(request)
         await self._may_change(request)
@@ -187,6 +204,8 @@ def make_app(manager: Manager, token: str) -> web.Application:
             web.get("/v1/volumes/{name}/placement", api.explain),
             web.post("/v1/volumes/{name}/switchover-results", api.report_switchover),
             web.post("/v1/volumes/{name}/switchover", api.switchover),
+            web.post("/v1/volumes/{name}/emergency", api.device_lost),
+            web.post("/v1/volumes/{name}/scrub", api.scrub),
             web.post("/v1/volumes/{name}/attachments", api.attach),
             web.post("/v1/servers/{name}/drain", api.drain_server),
             web.get("/v1/switchovers", api.list_switchovers),

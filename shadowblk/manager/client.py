@@ -9,10 +9,12 @@ that did: an agent keeps heartbeating through the death of the manager it was ta
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -107,6 +109,67 @@ class Client:
             raise ManagerError(status, doc.get("error", "unknown error"), doc.get("detail"))
         return doc
 
+    def stream(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
+        """METHOD PATH whose answer is JSON lines (a scrub's progress, then its report): each
+        line as it comes. Refusals are ManagerError, as for call(); once the answer started,
+        reads wait as long as the work takes (a shadow's pass sends nothing for a while)."""
+        failure: Unreachable | None = None
+        for base in list(self.urls):
+            try:
+                status, reply = self._open(base, method, path, body)
+                break
+            except Unreachable as err:
+                failure = err
+        else:
+            assert failure is not None
+            raise failure
+        leader = (reply.get("detail") or {}) if status == 503 and isinstance(reply, dict) else {}
+        if isinstance(leader, dict) and leader.get("leader") not in (None, base):
+            base = leader["leader"].rstrip("/")
+            status, reply = self._open(base, method, path, body)
+        if isinstance(reply, dict):
+            raise ManagerError(status, reply.get("error", "unknown error"), reply.get("detail"))
+        with reply:
+            try:
+                for line in reply:
+                    yield json.loads(line)
+            except ValueError:
+                raise ManagerError(
+                    0, f"the manager at {base} sent a line that is not JSON"
+                ) from None
+            except (OSError, http.client.HTTPException) as err:
+                raise Unreachable(base, f"the answer broke off: {err}") from None
+
+    def _open(self, base: str, method: str, path: str, body: Any) -> tuple[int, Any]:
+        """The status and the open answer (200), or the status and the error document."""
+        parts = urllib.parse.urlsplit(base)
+        kind = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        conn = kind(parts.hostname or "", parts.port, timeout=self.timeout_s)
+        headers = {"Accept": "application/x-ndjson", "Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            conn.request(method, path, json.dumps(body or {}).encode(), headers)
+            reply = conn.getresponse()
+            if reply.status == 200:
+                assert conn.sock is not None
+                conn.sock.settimeout(None)
+                return 200, reply
+            raw = reply.read()
+        except OSError as err:
+            conn.close()
+            raise Unreachable(base, str(err)) from None
+        conn.close()
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            doc = {"error": raw.decode(errors="replace")[:200] or reply.reason}
+        return reply.status, doc
+
     # servers (register and heartbeat are the agent's protocol)
     def servers(self) -> list[dict[str, Any]]:
         return self.call("GET", "/v1/servers")["servers"]
@@ -135,6 +198,11 @@ class Client:
 
     def placement(self, name: str) -> dict[str, Any]:
         return self.call("GET", f"/v1/volumes/{_quote(name)}/placement")
+
+    def scrub(self, name: str, repair: bool, rate: float | None) -> Iterator[dict[str, Any]]:
+        """The live scrub of NAME (RATE in bytes/s): progress lines, then its report."""
+        body = {"repair": repair, "rate": rate}
+        return self.stream("POST", f"/v1/volumes/{_quote(name)}/scrub", body)
 
     # the fleet
     def status(self) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class Fleet:
     def __init__(self, store: Store, policy: Policy | None = None, lease_s: float = 6.0) -> None:
         self.store, self.policy = store, policy or Policy()
         # the failure predictor (manager/risk.py): heartbeat -> its `failure` document
-        self.assess: Callable[[str, dict[str, Any], float], dict[str, Any]] | None = None
+        self.assess: Callable[[str, dict[str, Any], float, Any], dict[str, Any]] | None = None
         self.lease_s = lease_s  # how long a heartbeat's answer lets a primary accept writes
 
     # reads
@@ -166,6 +166,7 @@ class Fleet:
             address=body.get("address", ""),
             nbd_address=body.get("nbd_address", ""),
             control_address=body.get("control_address", ""),
+            verify_address=body.get("verify_address", ""),
             capacity_bytes=body["capacity_bytes"],
             drive_models=body.get("drive_models", []),
             last_heartbeat=now,
@@ -192,7 +193,8 @@ class Fleet:
         server.used_bytes = body["used_bytes"]
         server.io_load = body.get("io_load", server.io_load)
         if self.assess is not None:
-            body = {**body, "failure": self.assess(name, body, now)}
+            stored = server.health.get("failure")  # the last verdict, maybe another leader's
+            body = {**body, "failure": self.assess(name, body, now, stored)}
         server.health = {k: body[k] for k in HEALTH_KEYS if k in body}
         if "failure" in body:
             server.failure_probability = body["failure"]["probability"]
@@ -427,6 +429,26 @@ class Fleet:
             "after": switched(volume, target.name)[0].to_dict(),
         }
 
+    def plan_lost(self, name: str, server: str | None) -> dict[str, Any]:
+        """VOLUME's takeover plan when its primary reports the volume's device gone (the agent
+        is alive, the volume is not): Refused if SERVER (the reporter) is not its primary any
+        more, or no shadow can be promoted."""
+        volume = self.store.get_volume(name)
+        if server is not None and server != volume.primary:
+            raise Refused(409, f"{name}: its primary is {volume.primary}, not {server}: nothing "
+                          "to take over")  # fmt: skip
+        servers = {s.name: s for s in self.store.list_servers()}
+        old = servers.get(volume.primary)
+        target = self._target(volume, servers, None, in_step=False)
+        return {
+            "volume": volume.to_dict(),
+            "from": volume.primary,
+            "to": target.name,
+            "from_control": old.control_address if old else "",
+            "to_control": target.control_address,
+            "after": switched(volume, target.name)[0].to_dict(),
+        }
+
     def take_over(
         self, name: str, target: str, expected: int, silent_since: float
     ) -> dict[str, Any]:
@@ -444,7 +466,8 @@ class Fleet:
         volume = self.store.get_volume(record["volume"])
         event = Event("switchover-result", volume.name, record)
         event.seq = self.store.append_event(event)
-        if (volume.primary, volume.generation) == (record["to"], record.get("generation")):
+        moved = (volume.primary, volume.generation) == (record["to"], record.get("generation"))
+        if moved and record.get("outcome") != "aborted":  # aborted: no copy to trust
             roles = [(volume.primary, "primary")]
             roles += [(s, "shadow") for s in volume.shadow_servers()]
             self._order("host-volume", volume, event.seq, roles, fence)

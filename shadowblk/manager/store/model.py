@@ -52,6 +52,7 @@ class Server(_Doc):
     address: str = ""  # the agent's control address, host:port
     nbd_address: str = ""  # where its NBD exports are served, host:port
     control_address: str = ""  # the agent's switchover calls, host:port (agent/control.py)
+    verify_address: str = ""  # its shadows' verify port, host:port (scrub, verify)
     capacity_bytes: int = 0
     used_bytes: int = 0
     drive_models: list[str] = field(default_factory=list)
