@@ -26,10 +26,22 @@ def describe(r: dict[str, Any]) -> str:
         f"  old primary     {r.get('old_primary', '-')}",
         f"  endpoint        {r.get('endpoint', '-')} ({r.get('attachments', 0)} attach repointed)",
     ]
+    if checks := r.get("checksums"):
+        lines.append(f"  checksums       {checks_line(checks)}")
     if r.get("router_pause_ms") is not None:
         lines.append(f"  router pause    {r['router_pause_ms']:.1f} ms (requests held at attach)")
     lines += [f"  {step:<15} {ms:.1f} ms" for step, ms in r.get("timings_ms", {}).items()]
     return "\n".join(lines)
+
+
+def checks_line(c: dict[str, Any]) -> str:
+    """The compare before the promotion, in one line (docs/switchover.md)."""
+    if "blocks_compared" not in c:
+        return f"{c.get('result')}: {c.get('error', '-')}"
+    line = f"{c['result']}: {c['blocks_compared']} dirty blocks compared ({c['scope']})"
+    if c.get("mismatched"):
+        line += f", {len(c['mismatched'])} differed, {c.get('repaired', 0)} repaired"
+    return line
 
 
 @click.command("switchover")

@@ -27,14 +27,17 @@ from typing import Any
 
 import aiohttp
 
+from shadowblk.manager import dirty_compare, replenish
 from shadowblk.manager.api_errors import ApiError
 from shadowblk.manager.store import StoreError
+from shadowblk.timings import Timings
 
 log = logging.getLogger(__name__)
 
 LEASE_MARGIN_S = 0.25  # beyond a lease: scheduling and clock-rate slack between two hosts
 DRAIN_S = 30.0  # before the pause: the old primary ships what it has (writes go on)
 FENCE_DRAIN_S = 10.0  # in the pause: the wait for the last epoch (below attach's hold time)
+LOST_DRAIN_S = 1.0  # a primary whose device is gone: what is in flight ships now or never
 AGENT_TIMEOUT_S = 60.0
 ATTACH_TIMEOUT_S = 15.0
 PAUSE_LIMIT_S = 10.0  # a router reopens its gate by itself if the switchover dies mid-way
@@ -43,22 +46,6 @@ HOLD_S = 120.0  # the longest the old primary's shadow server waits for the demo
 
 class StepFailed(Exception):
     """A switchover step that an agent or the network refused."""
-
-
-class Timings:
-    """Milliseconds per step, in the order they ran."""
-
-    def __init__(self) -> None:
-        self.started = self._last = time.monotonic()
-        self.ms: dict[str, float] = {}
-
-    def mark(self, step: str) -> None:
-        now = time.monotonic()
-        self.ms[step] = round((now - self._last) * 1000, 3)
-        self._last = now
-
-    def total(self) -> float:
-        return round((time.monotonic() - self.started) * 1000, 3)
 
 
 class Switchovers:
@@ -178,6 +165,11 @@ class Switchovers:
                 t.mark("cas_ms")
                 fenced = await self._fence(plan["from_control"], name)
                 t.mark("fence_ms")
+                if fenced.get("drained"):  # else the shadow lacks writes: the routers replay
+                    record["checksums"] = await dirty_compare.before_promotion(
+                        self._agent, plan, name, volume["generation"], after["generation"]
+                    )
+                    t.mark("compare_ms")
                 promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
                 t.mark("promote_ms")
                 body = {"uri": promoted["endpoint"], "generation": after["generation"]}
@@ -192,11 +184,18 @@ class Switchovers:
                 record.update(outcome="failed", error=str(err), timings_ms=t.ms)
                 await self._record(record, fence)
                 raise ApiError(502, f"switchover of {name} failed: {err}", record) from None
+            except dirty_compare.Mismatch as err:  # no copy to trust: not promoted, not ordered
+                log.error("%s", err)
+                record.update(outcome="aborted", error=str(err), checksums=err.checks,
+                              timings_ms=t.ms)  # fmt: skip
+                await self._record(record, fence)
+                raise ApiError(502, f"switchover of {name} aborted: {err}", record) from None
             finally:
                 await self._each_attach(name, [u for u in paused if u not in repointed],
                                         "resume", {})  # fmt: skip
-            steps = ("gate_ms", "cas_ms", "fence_ms", "promote_ms", "repoint_ms")
-            pause_ms = sum(t.ms[step] for step in steps)
+            steps = ("gate_ms", "cas_ms", "fence_ms", "compare_ms", "promote_ms", "repoint_ms")
+            pause_ms = sum(t.ms.get(step, 0.0) for step in steps)
+            await dirty_compare.log_found(self._agent, plan, name, record.get("checksums", {}))
             try:
                 demoted = await self._agent(plan["from_control"], name, "demote", {"volume": after})
                 record["old_primary"] = demoted["resync"]
@@ -215,6 +214,8 @@ class Switchovers:
                                     default=None),
                 attachments=len(repointed),
                 timings_ms={**t.ms, "total_ms": t.total()},
+                steps_ms={**_inner_steps(fenced, promoted),
+                          "drain_rounds_ms": drained.get("rounds_ms")},
             )  # fmt: skip
             await self._record(record, fence)
             log.info("switchover of %s to %s: %s", name, plan["to"], record["timings_ms"])
@@ -227,16 +228,26 @@ class Switchovers:
         except StepFailed as err:
             log.warning("%s: a shadow server stays held (for 2 min at most): %s", name, err)
 
-    async def _fence(self, address: str, name: str) -> dict[str, Any]:
+    async def _fence(
+        self, address: str, name: str, drain_s: float = FENCE_DRAIN_S
+    ) -> dict[str, Any]:
         """Fence the old primary; if its agent does not answer, its lease fences it: wait."""
         try:
-            return await self._agent(address, name, "fence", {"drain": FENCE_DRAIN_S})
+            return await self._agent(address, name, "fence", {"drain": drain_s})
         except StepFailed as err:
             wait = self.manager.fleet.lease_s + LEASE_MARGIN_S
             log.warning("%s: fence failed (%s): waiting %.1f s for its lease to run out",
                         name, err, wait)  # fmt: skip
             await asyncio.sleep(wait)
             return {"drained": False, "fence": f"lease ran out ({err})"}
+
+    async def _prepare(self, address: str, name: str, after: dict[str, Any]) -> None:
+        """A standby `serve` on the target, so that the promotion only opens the volume; if it
+        fails, the promotion starts one itself."""
+        try:
+            await self._agent(address, name, "prepare", {"volume": after})
+        except StepFailed as err:
+            log.warning("%s: no standby on the target (%s): the promotion starts one", name, err)
 
     async def _record(self, record: dict[str, Any], fence: int) -> None:
         await self.manager.run(self.manager.fleet.finish_switchover, record, fence)
@@ -248,6 +259,18 @@ class Switchovers:
             running = self._emergencies.get(name)
             if running is None or running.done():
                 self._emergencies[name] = asyncio.create_task(self.emergency(name, fence))
+        await self._replenish(fence)
+
+    async def _replenish(self, fence: int) -> None:
+        """New shadows for the volumes short of them (manager/replenish.py)."""
+        fleet, silent_s = self.manager.fleet, self.manager.heartbeat_timeout_s
+        for name in await self.manager.run(replenish.short, fleet, silent_s, time.time()):
+            if self._lock(name).locked():
+                continue  # a switchover of it runs: the next round looks again
+            async with self._lock(name):
+                await self.manager.run(
+                    replenish.replace_lost, fleet, name, silent_s, time.time(), fence
+                )
 
     async def emergency(self, name: str, fence: int) -> dict[str, Any] | None:
         """Promote the best shadow of NAME, whose primary's server is down."""
@@ -263,6 +286,8 @@ class Switchovers:
             if plan is None:
                 return None
             t = Timings()
+            # the target's `serve` starts (standby: it serves nothing) during the lease wait
+            prepared = asyncio.ensure_future(self._prepare(plan["to_control"], name, plan["after"]))
             wait = plan["silent_since"] + fleet.lease_s + LEASE_MARGIN_S - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)  # the old primary's lease runs out first (I3)
@@ -276,30 +301,71 @@ class Switchovers:
                 after = await self.manager.run(
                     fleet.take_over, name, plan["to"], volume["generation"], plan["silent_since"]
                 )
-                record["generation"] = after["generation"]
-                t.mark("cas_ms")
-                promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
-                t.mark("promote_ms")
-                body = {"uri": promoted["endpoint"], "generation": after["generation"]}
-                repointed = await self._each_attach(name, volume["attachments"], "repoint", body)
-                t.mark("repoint_ms")
-                await self._release(plan["to_control"], name)
+                await prepared  # after the CAS: its time is cas_ms
+                await self._promote(name, plan, after, record, t)
             except (StepFailed, ApiError, StoreError) as err:
+                prepared.cancel()
                 log.error("emergency switchover of %s failed: %s", name, err)
                 record.update(outcome="failed", error=str(err), timings_ms=t.ms)
                 await self._record(record, fence)
                 return record
-            outage_s = time.time() - plan["silent_since"]
-            record.update(
-                outcome="succeeded",
-                endpoint=promoted["endpoint"],
-                epoch=promoted["epoch"],
-                pause_seconds=round(outage_s, 6),
-                attachments=len(repointed),
-                timings_ms={**t.ms, "total_ms": t.total()},
-            )
+            record["pause_seconds"] = round(time.time() - plan["silent_since"], 6)  # the outage
             await self._record(record, fence)
             log.warning("emergency switchover of %s to %s: %s", name, plan["to"], record)
+            return record
+
+    async def _promote(
+        self, name: str, plan: dict[str, Any], after: dict[str, Any], record: dict, t: Timings
+    ) -> None:
+        """The end of an emergency, the generation raised: promote, repoint, release; into
+        RECORD."""
+        record["generation"] = after["generation"]
+        t.mark("cas_ms")
+        promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
+        t.mark("promote_ms")
+        body = {"uri": promoted["endpoint"], "generation": after["generation"]}
+        repointed = await self._each_attach(name, plan["volume"]["attachments"], "repoint", body)
+        t.mark("repoint_ms")
+        await self._release(plan["to_control"], name)
+        record.update(
+            outcome="succeeded",
+            endpoint=promoted["endpoint"],
+            epoch=promoted["epoch"],
+            attachments=len(repointed),
+            timings_ms={**t.ms, "total_ms": t.total()},
+            steps_ms=_inner_steps({}, promoted),
+        )
+
+    async def lost(self, name: str, server: str | None, reason: str, fence: int) -> dict[str, Any]:
+        """Promote the best shadow of NAME now: its primary's agent (SERVER) reports the
+        volume's device gone (udev), so no heartbeat timeout is waited for. The old primary is
+        fenced through its agent, with a short drain (its device can give nothing more); if the
+        agent does not answer, its lease fences it: the wait is that long (I3)."""
+        fleet = self.manager.fleet
+        async with self._lock(name):
+            plan = await self.manager.run(fleet.plan_lost, name, server)
+            t = Timings()
+            record: dict[str, Any] = {
+                "volume": name, "from": plan["from"], "to": plan["to"], "planned": False,
+                "reason": reason,
+            }  # fmt: skip
+            fenced = await self._fence(plan["from_control"], name, LOST_DRAIN_S)
+            record["drained"] = bool(fenced.get("drained"))
+            t.mark("fence_ms")
+            try:
+                after = await self.manager.run(
+                    fleet.raise_generation, name, plan["to"], plan["volume"]["generation"]
+                )
+                await self._promote(name, plan, after, record, t)
+            except (StepFailed, ApiError, StoreError) as err:
+                log.error("emergency switchover of %s (device lost) failed: %s", name, err)
+                record.update(outcome="failed", error=str(err), timings_ms=t.ms)
+                await self._record(record, fence)
+                return record
+            record["pause_seconds"] = round(t.total() / 1000, 6)
+            await self._record(record, fence)
+            log.warning("emergency switchover of %s to %s (%s): %s", name, plan["to"], reason,
+                        record)  # fmt: skip
             return record
 
     # --- drain -------------------------------------------------------------------------------
@@ -316,3 +382,8 @@ class Switchovers:
                 records.append({"volume": name, "from": server, "outcome": "failed",
                                 "error": err.error, "reason": reason})  # fmt: skip
         return records
+
+
+def _inner_steps(fenced: dict[str, Any], promoted: dict[str, Any]) -> dict[str, Any]:
+    """What the agents measured inside the fence and the promotion (milliseconds)."""
+    return {"fence_serve_ms": fenced.get("fence_ms"), "promote": promoted.get("steps_ms", {})}

@@ -1,0 +1,52 @@
+"""A volume left with fewer live shadows than it wants gets a new one: one shadow on three
+servers, the primary's agent killed (kill -9): the emergency switchover promotes the shadow, the
+manager places a new shadow on the remaining server (the dead one's copy is retired), and the
+new primary ships to it until it is in step, holding what was written before and after."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.agent_lab import agent_groups_fixture, wait_for  # noqa: F401
+from tests.integration.test_switchover_planned import qemu_io
+from tests.procs import Processes
+from tests.switchover_lab import start_attach, start_fleet
+
+
+def test_a_lost_shadow_is_replaced_on_the_remaining_server(
+    procs: Processes, agent_groups: list[int], tmp_path: Path
+) -> None:
+    fleet = start_fleet(procs, agent_groups, tmp_path, servers=3)
+    start_attach(procs, fleet)
+    volume = fleet.client.volume("v1")
+    (shadow,) = [s["server"] for s in volume["shadows"]]
+    (spare,) = {"s2", "s3"} - {shadow}
+    qemu_io(fleet.attach_uri, "write -P 0x81 0 2M")
+
+    os.killpg(fleet.agents["s1"].pid, signal.SIGKILL)  # the agent, its serve and shadow server
+    wait_for(lambda: fleet.primary() == shadow, 60, f"the manager promoted {shadow}")
+    qemu_io(fleet.attach_uri, "write -P 0x82 2M 1M")  # through the new primary
+
+    def replaced() -> bool:
+        shadows = fleet.client.volume("v1")["shadows"]
+        return [(s["server"], s["state"]) for s in shadows] == [(spare, "in_sync")]
+
+    wait_for(replaced, 120, f"a new shadow placed on {spare}, in step")
+    events = fleet.client.call("GET", "/v1/events", since=0, limit=1000)["events"]
+    (placed,) = [e for e in events if e["kind"] == "shadow-placed"]
+    assert placed["detail"]["placed"] == [spare] and placed["detail"]["replaced"] == ["s1"]
+    assert placed["detail"]["primary"] == shadow
+
+    # the new shadow holds what was written before and after the failover (a full sync)
+    image = tmp_path / spare / "shadows" / "v1.img"
+    expected = b"\x81" * (2 << 20) + b"\x82" * (1 << 20)
+
+    def synced() -> bool:
+        with open(image, "rb") as f:
+            return f.read(3 << 20) == expected
+
+    wait_for(synced, 30, f"{spare}'s copy holding every write")
+    qemu_io(fleet.attach_uri, "read -P 0x81 0 2M")
+    qemu_io(fleet.attach_uri, "read -P 0x82 2M 1M")
