@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,10 @@ def start_fleet(
     mode: str = "async",
     timeout_s: float = 2.0,
     shadows: int = 1,
+    agent_args: Callable[[str], tuple[str, ...]] = lambda name: (),
 ) -> Fleet:
-    """A manager, SERVERS agents s1.. (zones a, b, ...), volume v1 with its primary on s1, its
-    shadows in step."""
+    """A manager, SERVERS agents s1.. (zones a, b, ...; each with AGENT_ARGS(name) too), volume
+    v1 with its primary on s1, its shadows in step."""
     lab = start_manager(
         procs, f"sqlite:{tmp_path / 'meta.db'}", tmp_path, "manager",
         "--heartbeat-timeout", str(timeout_s),
@@ -65,8 +67,9 @@ def start_fleet(
         name = f"s{i}"
         dirs[name] = tmp_path / name
         agents[name] = start_agent(
-            procs, groups, lab.url, lab.token_file, name, "abcdefgh"[i - 1], dirs[name]
-        )
+            procs, groups, lab.url, lab.token_file, name, "abcdefgh"[i - 1], dirs[name],
+            *agent_args(name),
+        )  # fmt: skip
     client = lab.client()
     client.create_volume(name="v1", size_bytes=size, shadows=shadows, primary="s1", mode=mode)
     fleet = Fleet(lab, client, agents, "v1", dirs=dirs)

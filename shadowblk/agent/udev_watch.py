@@ -3,19 +3,17 @@
 udev/90-shadowblk.rules tags a device-mapper device or GPT partition named sbk-NAME with the
 udev tag "shadowblk" and SHADOWBLK_NAME=sbk-NAME. The watcher listens for that tag (pyudev, the
 udev netlink monitor: events arrive after the rules ran) and reports each event; at start it
-reports the tagged devices already present as "add". When the device of a local primary volume
-goes away, the primary is lost: ON_PRIMARY_LOST(volume) is called at once, the hook for an
-emergency switchover. The manager has no call for that yet (its client's `POST
-/v1/volumes/NAME/switchover` is the planned switchover, which fences and drains the old primary;
-emergencies start inside the manager on a missed heartbeat), so the agent passes its own
-callable; the watcher is not started by the agent yet either (see docs/kernel-lab.md).
+reports the tagged devices already present as "add". The agent starts it (`shadowblk agent
+--watch-udev`, the default where udev runs) and hands each event to devices.DeviceWatch, which
+asks the manager for an emergency switchover when a local primary's device goes away.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyudev
 
@@ -45,19 +43,16 @@ class DeviceEvent:
         return cls(action or device.action or "add", name, device.device_node, device.sys_path)
 
 
-class UdevWatcher:
-    """Reports tagged devices to ON_EVENT; a removed device of a volume in PRIMARIES() (the
-    local primary volumes, asked at the moment of the event) calls ON_PRIMARY_LOST(volume)."""
+def udev_running() -> bool:
+    """Whether this host runs udev (its control socket exists): the watcher has events."""
+    return Path("/run/udev/control").exists()
 
-    def __init__(
-        self,
-        on_event: Callable[[DeviceEvent], None],
-        primaries: Callable[[], Iterable[str]] = frozenset,
-        on_primary_lost: Callable[[str], None] | None = None,
-    ) -> None:
+
+class UdevWatcher:
+    """Reports tagged devices to ON_EVENT (from pyudev's thread)."""
+
+    def __init__(self, on_event: Callable[[DeviceEvent], object]) -> None:
         self.on_event = on_event
-        self.primaries = primaries
-        self.on_primary_lost = on_primary_lost
         self.context = pyudev.Context()
         self.observer: pyudev.MonitorObserver | None = None
 
@@ -84,13 +79,6 @@ class UdevWatcher:
     def _report(self, event: DeviceEvent) -> None:
         log.info("udev: %s %s (%s)", event.action, event.name, event.devnode)
         self.on_event(event)
-        if (
-            event.action == "remove"
-            and self.on_primary_lost is not None
-            and event.volume in set(self.primaries())
-        ):
-            log.error("primary device of %s is gone: emergency switchover", event.volume)
-            self.on_primary_lost(event.volume)
 
     def stop(self) -> None:
         if self.observer is not None:

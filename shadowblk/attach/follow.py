@@ -3,15 +3,18 @@
 The volume record (GET /v1/volumes/NAME) names the primary server and the generation; the
 primary's NBD endpoint is what its agent last reported in its heartbeat (`health.hosted[NAME]`
 of GET /v1/servers/PRIMARY, role primary, state running). The manager's client is synchronous:
-calls run in a thread so the router's I/O never waits on HTTP.
+calls run in a thread so the router's I/O never waits on HTTP. What follows is either the
+userspace router (attach/router.py) or the device-mapper attach (attach/kernel.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from typing import Any, Protocol
 
-from shadowblk.attach.router import Refused, Router
+from shadowblk.attach.router import Refused
 from shadowblk.manager.client import Client, ManagerError
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,20 @@ def primary_endpoint(client: Client, volume: str) -> tuple[str, int] | None:
     return endpoint, int(record["generation"])
 
 
+class Target(Protocol):
+    """What a follower keeps pointed at the volume's primary."""
+
+    generation: int
+
+    @property
+    def upstream_uri(self) -> str | None: ...
+
+    @property
+    def upstream_alive(self) -> bool: ...
+
+    async def repoint(self, uri: str, generation: int) -> Any: ...
+
+
 class Follower:
     """Polls the manager and repoints the router when the primary changes; once told its
     control URL (and given a token), registers it as the volume's attachment so that a
@@ -40,6 +57,7 @@ class Follower:
         self.client, self.volume, self.interval = client, volume, interval
         self.control_url: str | None = None
         self._warned = False
+        self.wake = asyncio.Event()  # set: look at the manager now (the upstream died)
 
     def announce(self, control_url: str) -> None:
         """The router's control endpoint listens at CONTROL_URL."""
@@ -68,32 +86,39 @@ class Follower:
             log.warning("cannot read volume %s from the manager: %s", self.volume, exc)
             return None
 
-    async def first(self, router: Router, timeout: float) -> None:
-        """Point the router at the primary, waiting up to TIMEOUT for the manager to know it."""
+    async def wait(self, timeout: float) -> tuple[str, int]:
+        """The primary's (endpoint, generation), waiting up to TIMEOUT for the manager to know
+        it."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             found = await self.current()
             if found is not None:
-                await router.repoint(*found)
-                return
+                return found
             if asyncio.get_running_loop().time() > deadline:
                 raise Refused(503, f"the manager knows no running primary for {self.volume}")
             await asyncio.sleep(self.interval)
 
-    async def run(self, router: Router) -> None:
-        """Repoint whenever the manager's (endpoint, generation) differs from the router's."""
+    async def first(self, target: Target, timeout: float) -> None:
+        """Point TARGET at the primary, waiting up to TIMEOUT for the manager to know it."""
+        await target.repoint(*await self.wait(timeout))
+
+    async def run(self, target: Target) -> None:
+        """Repoint whenever the manager's (endpoint, generation) differs from TARGET's, every
+        interval or at once when `wake` is set."""
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.interval)
+            self.wake.clear()
             await asyncio.to_thread(self.register)
             found = await self.current()
             if found is None:
                 continue
             uri, generation = found
-            now = str(router.upstream.target) if router.upstream else None
-            if (uri, generation) == (now, router.generation) and router.upstream_alive:
+            now = (target.upstream_uri, target.generation)
+            if (uri, generation) == now and target.upstream_alive:
                 continue  # unchanged; the same endpoint after a loss is a reconnect (restart)
             try:
-                result = await router.repoint(uri, generation)
+                result = await target.repoint(uri, generation)
                 log.info("followed the manager to %s generation %d: %s", uri, generation, result)
             except Refused as exc:
                 log.warning("manager's primary %s (generation %d) refused: %s", uri, generation,

@@ -6,6 +6,12 @@ device-mapper, in-flight I/O completes on the old primary) and resumes with the 
 /dev/nbdY, loaded before the suspend: the VM sees a pause, never an error. Then /dev/nbdX is
 disconnected. The device-mapper and NBD calls are ioctls made in this process
 (shadowblk.kernel), so nothing in the paused window starts a process.
+
+A dead primary: the kernel NBD client gives up on a request after NBD_TIMEOUT s (the request
+fails; a silent host would otherwise hold it, and any suspend, for ever). When the connection
+under the device ends by itself, the device is suspended at once, so that new I/O waits in
+device-mapper instead of failing on the dead /dev/nbdX, and ON_LOST is called (the follower
+asks the manager at once); the next repoint resumes it, or HOLD_TIME s do (then I/O fails).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,7 @@ from shadowblk.attach.router import Refused
 from shadowblk.attach.upstream import Target as Export
 from shadowblk.attach.upstream import UpstreamError
 from shadowblk.kernel.dm import MAPPER, DeviceMapper, DMError, Target
-from shadowblk.kernel.nbd import KernelNBD
+from shadowblk.kernel.nbd import TIMEOUT_S, KernelNBD
 
 log = logging.getLogger(__name__)
 
@@ -49,42 +56,88 @@ def linear(nbd: KernelNBD) -> list[Target]:
     return [Target(0, nbd.size // SECTOR, "linear", f"{nbd.device} 0")]
 
 
-def _connect(uri: str) -> tuple[KernelNBD, str]:
-    try:
-        export = Export.parse(uri)
-    except UpstreamError as exc:
-        raise Refused(422, str(exc)) from None
-    try:
-        return KernelNBD(export.host, export.port, export.name), str(export)
-    except OSError as exc:
-        raise Refused(502, f"{export}: {exc}") from None
-
-
 class KernelAttach:
     """One volume's /dev/mapper/NAME; `repoint` has the router's contract (control.py)."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(
+        self,
+        name: str,
+        nbd_timeout: int = TIMEOUT_S,
+        hold_time: float = 30.0,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.name, self.nbd_timeout, self.hold_time = name, nbd_timeout, hold_time
+        self.on_lost = on_lost
         self.dm = DeviceMapper()
         self.nbd: KernelNBD | None = None
         self.uri = ""
         self.generation = -1
         self.switches: list[Switch] = []
         self.paused = False
+        self.losses = 0  # connections that ended by themselves
         self._pauses = 0  # a pause's limit timer only resumes if nothing came after it
         self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
 
     @property
     def device(self) -> Path:
         return MAPPER / self.name
 
-    def start(self, uri: str, generation: int) -> None:
-        """Connect the first primary and create the device over it."""
-        self.nbd, self.uri = _connect(uri)
+    @property
+    def upstream_uri(self) -> str | None:
+        return self.uri if self.nbd is not None else None
+
+    @property
+    def upstream_alive(self) -> bool:
+        return bool(self.nbd and self.nbd.connected)
+
+    def _connect(self, uri: str) -> tuple[KernelNBD, str]:
         try:
-            self.dm.create(self.name, linear(self.nbd))
+            export = Export.parse(uri)
+        except UpstreamError as exc:
+            raise Refused(422, str(exc)) from None
+        nbd: KernelNBD | None = None
+
+        def ended() -> None:  # the device's thread: over to the loop
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._ended, nbd)
+
+        try:
+            nbd = KernelNBD(export.host, export.port, export.name, self.nbd_timeout, ended)
+        except OSError as exc:
+            raise Refused(502, f"{export}: {exc}") from None
+        return nbd, str(export)
+
+    def _ended(self, nbd: KernelNBD | None) -> None:
+        """A connection ended: if it is the one under the device and nobody closed it, hold
+        the device's I/O and say so."""
+        if nbd is None or nbd is not self.nbd or self._closing:
+            return
+        self.losses += 1
+        log.error("the connection to %s ended (%s): holding I/O up to %.0f s", self.uri,
+                  nbd.error or "closed by the server", self.hold_time)  # fmt: skip
+        asyncio.get_running_loop().create_task(self._hold(nbd))
+
+    async def _hold(self, nbd: KernelNBD) -> None:
+        async with self._lock:
+            if nbd is not self.nbd or self._closing:
+                return  # a repoint replaced it meanwhile
+            try:
+                await self._pause(self.hold_time)
+            except DMError as exc:
+                log.error("cannot suspend %s: %s", self.name, exc)
+        if self.on_lost is not None:
+            self.on_lost()
+
+    async def open(self, uri: str, generation: int) -> None:
+        """Connect the first primary and create the device over it."""
+        self._loop = asyncio.get_running_loop()
+        self.nbd, self.uri = await asyncio.to_thread(self._connect, uri)
+        try:
+            await asyncio.to_thread(self.dm.create, self.name, linear(self.nbd))
         except DMError:
-            self.nbd.close()
+            await asyncio.to_thread(self.nbd.close)
             raise
         self.generation = generation
 
@@ -97,7 +150,7 @@ class KernelAttach:
             if generation < self.generation:
                 raise Refused(409, f"generation {generation} is older than {self.generation}")
             start = time.monotonic()
-            new, uri = await asyncio.to_thread(_connect, uri)
+            new, uri = await asyncio.to_thread(self._connect, uri)
             connect_ms = (time.monotonic() - start) * 1000
             assert self.nbd is not None
             if new.size != self.nbd.size:
@@ -121,12 +174,15 @@ class KernelAttach:
         device-mapper, in-flight I/O completes. The next repoint or resume lets I/O through, or
         LIMIT seconds do. Returns the drain in ms (the suspend's duration)."""
         async with self._lock:
-            start = time.monotonic()
-            await asyncio.to_thread(self.dm.suspend, self.name)
-            self.paused = True
-            self._pauses += 1
-            asyncio.get_running_loop().call_later(limit, self._unpause, self._pauses)
-            return (time.monotonic() - start) * 1000
+            return await self._pause(limit)
+
+    async def _pause(self, limit: float) -> float:
+        start = time.monotonic()
+        await asyncio.to_thread(self.dm.suspend, self.name)
+        self.paused = True
+        self._pauses += 1
+        asyncio.get_running_loop().call_later(limit, self._unpause, self._pauses)
+        return (time.monotonic() - start) * 1000
 
     def _unpause(self, number: int) -> None:
         if number == self._pauses and self.paused:
@@ -166,11 +222,13 @@ class KernelAttach:
             "paused": self.paused,
             "generation": self.generation,
             "repoints": len(self.switches),
+            "losses": self.losses,
             "last_repoint": self.switches[-1].to_dict() if self.switches else None,
         }
 
     def close(self) -> None:
         """Remove the device (refused while something holds it open) and disconnect."""
+        self._closing = True
         try:
             self.dm.remove(self.name)
         finally:

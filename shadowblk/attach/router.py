@@ -98,6 +98,11 @@ class Router:
         return not self._open.is_set()
 
     @property
+    def upstream_uri(self) -> str | None:
+        """The export now under the volume (the follower compares it with the manager's)."""
+        return str(self.upstream.target) if self.upstream else None
+
+    @property
     def upstream_alive(self) -> bool:
         return self.upstream is not None and not self.upstream.lost.is_set()
 

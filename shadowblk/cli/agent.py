@@ -9,9 +9,11 @@ from pathlib import Path
 
 import click
 
+from shadowblk.agent import notify
 from shadowblk.agent.agent import Agent, Config
 from shadowblk.agent.hosting import Endpoint
 from shadowblk.agent.smart_source import ReplaySmart
+from shadowblk.agent.udev_watch import udev_running
 from shadowblk.cli import serve
 from shadowblk.cli.remote import _token
 
@@ -124,6 +126,20 @@ def serve_has_shadows() -> bool:
     "free port]; registered as the server's control_address.",
 )
 @click.option(
+    "--watch-udev/--no-watch-udev",
+    default=None,
+    help="Watch udev for block devices tagged shadowblk (udev/90-shadowblk.rules): the removal "
+    "of a primary volume's device asks the manager for its emergency switchover at once "
+    "[default: on where udev runs].",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to write agent.json, how `shadowblk notify-device` (the udev rule's RUN) reaches "
+    f"this agent [default: {notify.RUN_DIR} where udev runs, else none].",
+)
+@click.option(
     "--smart-replay",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Report a recorded drive as this server's only disk instead of smartctl: a Backblaze "
@@ -157,6 +173,8 @@ def command(
     hmac_key_file: Path | None,
     metrics_listen: Endpoint | None,
     control_listen: Endpoint | None,
+    watch_udev: bool | None,
+    run_dir: Path | None,
     smart_replay: Path | None,
     smart_serial: str | None,
     replay_speed: float,
@@ -188,6 +206,8 @@ def command(
         serve_has_shadows=serve_has_shadows(),
         metrics_listen=metrics_listen,
         control_listen=control_listen,
+        watch_udev=udev_running() if watch_udev is None else watch_udev,
+        run_dir=run_dir or (notify.RUN_DIR if udev_running() else None),
         smart_replay=replay,
     )
     if not config.serve_has_shadows:

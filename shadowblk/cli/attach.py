@@ -54,6 +54,14 @@ from shadowblk.manager.client import Client, ManagerError
     help="Seconds a request is held without an upstream before the client gets EIO.",
 )
 @click.option(
+    "--nbd-timeout",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 3600),
+    help="--dm: seconds the kernel NBD client waits for an answer before it drops the "
+    "connection (the request fails); the device then holds I/O until the next repoint.",
+)
+@click.option(
     "--token-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -70,6 +78,7 @@ def command(
     generation: int,
     control: str | None,
     hold_time: float,
+    nbd_timeout: int,
     token_file: Path | None,
 ) -> None:
     """Serve VOLUME over NBD at --listen, forwarding to --upstream or to the primary the
@@ -80,18 +89,13 @@ def command(
     they see a pause, never an error. SIGTERM or SIGINT stop it.
 
     --dm NAME instead of --listen: /dev/mapper/NAME, dm-linear over the kernel NBD client
-    connected to --upstream; a repoint is a device-mapper table swap (`ready /dev/mapper/NAME
-    over /dev/nbdX`).
+    connected to --upstream or the manager's primary; a repoint is a device-mapper table swap
+    (`ready /dev/mapper/NAME over /dev/nbdX`).
     """
     if (upstream is None) == (manager_url is None):
         raise click.UsageError("give exactly one of --upstream and --manager")
     if (listen is None) == (dm_name is None):
         raise click.UsageError("give exactly one of --listen and --dm")
-    if dm_name is not None:
-        _kernel(dm_name, upstream, generation, control)
-        return
-    assert listen is not None
-    where = parse_listen(listen)
     control_at = parse_listen(control) if control else None
     follower = None
     if manager_url is not None:
@@ -99,6 +103,12 @@ def command(
             follower = Follower(Client(manager_url, _token(token_file)), volume, poll)
         except ManagerError as exc:
             raise click.BadParameter(str(exc), param_hint="--manager") from None
+    if dm_name is not None:
+        _kernel(dm_name, (nbd_timeout, hold_time), follower or (str(upstream), generation),
+                control_at)  # fmt: skip
+        return
+    assert listen is not None
+    where = parse_listen(listen)
 
     async def first(router: Router) -> None:
         try:
@@ -117,14 +127,19 @@ def command(
         raise click.ClickException(str(exc)) from None
 
 
-def _kernel(name: str, upstream: str | None, generation: int, control: str | None) -> None:
-    """--dm: the device-mapper table swap instead of the userspace router."""
+def _kernel(
+    name: str,
+    times: tuple[int, float],
+    upstream: tuple[str, int] | Follower,
+    control: tuple[str, int] | None,
+) -> None:
+    """--dm: the device-mapper table swap instead of the userspace router; TIMES: the kernel
+    NBD client's timeout, the hold time of a lost connection."""
     from shadowblk.attach import kernel_service
+    from shadowblk.attach.kernel import KernelAttach
 
-    if upstream is None:
-        raise click.UsageError("--dm needs --upstream (--manager is for the router only, yet)")
-    control_at = parse_listen(control) if control else None
     try:
-        uvloop.run(kernel_service.run(name, upstream, generation, control_at))
+        attach = KernelAttach(name, *times)
+        uvloop.run(kernel_service.run(attach, upstream, control))
     except (OSError, Refused) as exc:
         raise click.ClickException(str(exc)) from None

@@ -10,7 +10,7 @@ import logging
 
 import click
 
-from shadowblk import __version__
+import shadowblk
 
 # command name -> module in shadowblk.cli that defines it
 COMMANDS = {
@@ -31,7 +31,14 @@ COMMANDS = {
     "attach": "attach",
     "switchover": "switchover",
     "track": "track",
+    "notify-device": "notify_device",
 }
+
+
+def _version(ctx: click.Context) -> None:
+    """--version, read only when asked: importlib.metadata is slow to import."""
+    click.echo(f"shadowblk, version {shadowblk.__version__}")
+    ctx.exit()
 
 
 class CommandTable(click.Group):
@@ -51,7 +58,14 @@ class CommandTable(click.Group):
     cls=CommandTable,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.version_option(__version__, prog_name="shadowblk")
+@click.option(
+    "--version",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=lambda ctx, _param, value: _version(ctx) if value else None,
+    help="Show the version and exit.",
+)
 @click.option("-v", "--verbose", count=True, help="More log detail on stderr (-v info, -vv debug).")
 def cli(verbose: int) -> None:
     """shadowblk keeps shadow volumes of primary volumes on other servers, verifies them,

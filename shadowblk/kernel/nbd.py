@@ -3,6 +3,12 @@
 We do the handshake ourselves (shadowblk.nbd.client: fixed newstyle, NBD_OPT_GO), then hand the
 connected socket, the export's size and its transmission flags to the kernel. NBD_DO_IT blocks
 for as long as the device is connected, so a thread holds it; NBD_DISCONNECT ends it.
+
+TIMEOUT (NBD_SET_TIMEOUT, seconds) bounds how long a request waits for the server's answer: past
+it the kernel gives up on the connection (the socket is shut down, the request fails with EIO,
+NBD_DO_IT returns). The kernel's default, none, lets a request wait for ever on a server whose
+host vanished without a reset, which would hold a device-mapper suspend (a switchover) as long.
+ON_END is called (from the device's thread) when the connection ends, whatever ended it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import errno
 import fcntl
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ioctl_opt import IO
@@ -27,6 +34,7 @@ SET_SIZE_BLOCKS, DISCONNECT, SET_TIMEOUT, SET_FLAGS = (
     IO(_NBD, 10),
 )
 BLOCK = 4096
+TIMEOUT_S = 5
 SYS_BLOCK = Path("/sys/block")
 
 
@@ -43,7 +51,15 @@ def free_devices() -> list[Path]:
 class KernelNBD:
     """One /dev/nbdN connected to an export; `close()` disconnects it."""
 
-    def __init__(self, host: str, port: int, name: str, timeout: int = 30) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        name: str,
+        timeout: int = TIMEOUT_S,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        self.on_end = on_end
         self.client = NBDClient(host, port, name)
         self.size = self.client.size
         self.flags = self.client.flags
@@ -89,6 +105,8 @@ class KernelNBD:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self.fd, CLEAR_SOCK)
             self.ended.set()
+            if self.on_end is not None:
+                self.on_end()
 
     @property
     def connected(self) -> bool:

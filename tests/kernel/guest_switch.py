@@ -2,12 +2,14 @@
 
 The same writer (QD1, O_DIRECT, 4 KiB blocks, each headed "pass P block B", every write's start
 and end time taken here in the guest) runs twice: on /dev/mapper/vm-vol made by `shadowblk attach
---dm` (a table swap from the primary's /dev/nbdX to the shadow's), then on a /dev/nbdN (the
-kernel client, connected here) over the userspace router (`shadowblk attach --listen`,
-repointed). switch.sh started both attach processes (fixed ports: the guest is ours alone).
-Both swaps go from the primary to the shadow while the writer runs; afterwards every block must
-hold its last write.
-Usage: python -m tests.kernel.guest_switch OUT SHADOW_URI
+--dm --manager` (a table swap from the primary's /dev/nbdX to the shadow's, which the attach
+makes by itself when the manager's map moves: s1's heartbeat, sent from here to the manager on
+the host at MANAGER with TOKEN, names the shadow's export as vol's primary endpoint), then on a
+/dev/nbdN (the kernel client, connected here) over the userspace router (`shadowblk attach
+--listen`, repointed by POST /repoint). switch.sh started both attach processes (fixed ports:
+the guest is ours alone). Both swaps go from the primary to the shadow while the writer runs;
+afterwards every block must hold its last write.
+Usage: python -m tests.kernel.guest_switch OUT SHADOW_URI MANAGER TOKEN
 """
 
 import json
@@ -18,9 +20,12 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from shadowblk.kernel.nbd import KernelNBD
+from shadowblk.manager.client import Client
 
 BLOCK = 4096
 WINDOW = 256  # blocks rewritten pass after pass
@@ -102,14 +107,14 @@ def _pid(marker: str) -> int:
     raise RuntimeError(f"no process with {marker}")
 
 
-def run_writer(device: str, control: str, shadow: str) -> dict:
-    """The writer on DEVICE for 3 s, a repoint to SHADOW, 2 s more, a pause and a resume
+def run_writer(device: str, control: str, repoint: Callable[[], dict]) -> dict:
+    """The writer on DEVICE for 3 s, REPOINT() (to the shadow), 2 s more, a pause and a resume
     (a switchover that did not happen), 1 s more; what it saw."""
     writer = Writer(device)
     writer.start()
     time.sleep(3)
     t0 = time.monotonic()
-    answer = post(f"http://{control}/repoint", {"uri": shadow, "generation": 1})
+    answer = repoint()
     t1 = time.monotonic()
     time.sleep(2)
     paused = post(f"http://{control}/pause", {"limit_s": 30})
@@ -118,6 +123,31 @@ def run_writer(device: str, control: str, shadow: str) -> dict:
     time.sleep(1)
     writer.stop.set()
     writer.join()
+    return {**summary(writer, t0, t1), "repoint": answer, "pause": paused, "resume": resumed}
+
+
+def follow(control: str, shadow: str, client: Client) -> Callable[[], dict]:
+    """A repoint by the manager: vol's primary endpoint becomes SHADOW in its map; the swap the
+    attach at CONTROL then makes by itself (its last repoint, once its /status has one)."""
+
+    def repoint() -> dict:
+        client.heartbeat("s1", used_bytes=0, hosted={"vol": {
+            "role": "primary", "state": "running", "endpoint": shadow,
+            "generation": 1}})  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://{control}/status", timeout=30) as reply:
+                status = json.loads(reply.read())
+            if status["repoints"]:
+                return {**status["last_repoint"], "status": status}
+            time.sleep(0.05)
+        raise RuntimeError(f"the attach at {control} did not follow the manager to {shadow}")
+
+    return repoint
+
+
+def summary(writer: Writer, t0: float, t1: float) -> dict:
+    """What the writer saw before, around (T0 to T1) and after a swap."""
     latencies = sorted((e - s) * 1000 for s, e in writer.times)
     around = [(e - s) * 1000 for s, e in writer.times if e >= t0 and s <= t1]
     return {
@@ -126,9 +156,6 @@ def run_writer(device: str, control: str, shadow: str) -> dict:
         "writes_after_swap": sum(s > t1 for s, _ in writer.times),
         "errors": writer.errors,
         "bad_blocks": writer.verify(),
-        "repoint": answer,
-        "pause": paused,
-        "resume": resumed,
         "repoint_call_ms": round((t1 - t0) * 1000, 1),
         "max_write_ms_around_swap": round(max(around, default=0.0), 1),
         "median_write_ms": round(latencies[len(latencies) // 2], 2) if latencies else None,
@@ -138,15 +165,19 @@ def run_writer(device: str, control: str, shadow: str) -> dict:
     }
 
 
-def main(out: Path, shadow: str) -> None:
+def main(out: Path, shadow: str, manager: str, token: str) -> None:
     result = {}
     pid, result["dm_ready"] = wait_ready(out / "dm.out")
-    result["dm"] = run_writer("/dev/mapper/vm-vol", CONTROL["dm"], shadow)
+    client = Client(manager, token)
+    result["dm"] = run_writer("/dev/mapper/vm-vol", CONTROL["dm"],
+                              follow(CONTROL["dm"], shadow, client))  # fmt: skip
     os.kill(pid, signal.SIGTERM)  # switch.sh waits for its clean exit
     pid, result["router_ready"] = wait_ready(out / "router.out")
     nbd = KernelNBD("127.0.0.1", ROUTER_PORT, "vol")
     try:
-        result["router"] = run_writer(str(nbd.device), CONTROL["router"], shadow)
+        repoint = partial(post, f"http://{CONTROL['router']}/repoint",
+                          {"uri": shadow, "generation": 1})  # fmt: skip
+        result["router"] = run_writer(str(nbd.device), CONTROL["router"], repoint)
     finally:
         nbd.close()
     os.kill(pid, signal.SIGTERM)
@@ -155,4 +186,4 @@ def main(out: Path, shadow: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), *sys.argv[2:5])

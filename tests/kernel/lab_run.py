@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.delta_driver import make_key
+from tests.manager_lab import register_servers, start_manager
 from tests.procs import SHADOWBLK, Processes, free_port
 from tools.kernel_lab import GuestResult, run_guest
 from tools.kernel_lab.initramfs import REPO
@@ -130,7 +131,8 @@ def nbd_servers(work: Path, marker: bytes) -> Iterator[tuple[dict[str, int], dic
     """The host's servers: nbdkit and `shadowblk serve` for the NBD client parts, each over a
     64 MiB file with MARKER at block 10; a primary (`shadowblk serve`) and a shadow (nbdkit,
     cache=none) over one 64 MiB file for the switchover part (what one acknowledged the other
-    reads, through the host's page cache); a `shadowblk shadow` for the track part."""
+    reads, through the host's page cache); a `shadowblk shadow` for the track part; a manager
+    (_manager) for the udev and switch parts."""
     procs = Processes(work)
     files = {}
     for name in ("nbdkit", "shadowblk"):
@@ -158,9 +160,27 @@ def nbd_servers(work: Path, marker: bytes) -> Iterator[tuple[dict[str, int], dic
                               str(work / "shadow"), "--hmac-key-file", str(files["key"])],
                              "shadow")  # fmt: skip
         ports["TRACK_SHADOW_PORT"] = int(procs.wait_ready(shadow, timeout=60).rsplit(":", 1)[1])
+        ports["MANAGER_PORT"], files["manager_token"] = _manager(procs, work, ports)
         yield ports, files
     finally:
         procs.stop_all()  # SIGTERM first for a clean flush, SIGKILL after 5 s
+
+
+def _manager(procs: Processes, work: Path, ports: dict[str, int]) -> tuple[int, Path]:
+    """A manager (its port, its token file) with servers s1-s3 (never timed out) and, both on
+    s1: vol1 for the udev part (no shadow could take over: the refusal of its emergency shows
+    that the guest's call reached the manager and was planned), vol for the switch part, whose
+    primary endpoint (s1's report) is the switch primary as the guest reaches it."""
+    lab = start_manager(procs, f"sqlite:{work / 'manager.db'}", work, "manager",
+                        "--heartbeat-timeout", "3600")  # fmt: skip
+    register_servers(lab)
+    client = lab.client()
+    for name in ("vol1", "vol"):
+        client.create_volume(name=name, size_bytes=64 * MIB, shadows=1, primary="s1")
+    endpoint = f"nbd://10.0.2.2:{ports['SWITCH_PRIMARY_PORT']}/vol"
+    client.heartbeat("s1", used_bytes=0, hosted={"vol": {
+        "role": "primary", "state": "running", "endpoint": endpoint, "generation": 1}})  # fmt: skip
+    return int(lab.url.rsplit(":", 1)[1]), lab.token_file
 
 
 PARTS = (f"{SMALL.name}:era", f"{BIG.name}:era", "era_live:era-live", "swap:linear-swap",
@@ -191,7 +211,6 @@ def boot_lab(work: Path, timeout: float = 1320, parts: tuple[str, ...] = PARTS) 
         "ARGS_swap": "/dev/vde /dev/vdf",
         "PART_TIMEOUT": "420",  # the parts that start the host's Python: 10-60 s per start
         "ARGS_era_live": f"/dev/vdg /dev/vdh {REPO}",
-        "ARGS_udev": f"{REPO} /dev/vdf /dev/vdk1 /dev/vdk2",  # vdf: read only, after swap
     }
     script = "#!/bin/sh\nexec sh /klab/run-parts.sh " + " ".join(parts) + "\n"
     files = {p.name: p for p in GUEST.glob("*.sh")}
@@ -201,7 +220,12 @@ def boot_lab(work: Path, timeout: float = 1320, parts: tuple[str, ...] = PARTS) 
         env["ARGS_nbd_shadowblk"] = f"/dev/nbd1 {ports['SHADOWBLK_PORT']} vol"
         env["ARGS_track"] = (f"/dev/vdi /dev/vdj {REPO} {ports['TRACK_SHADOW_PORT']} "
                              f"{servers['key']}")  # fmt: skip
-        env["ARGS_switch"] = f"{REPO} {ports['SWITCH_PRIMARY_PORT']} {ports['SWITCH_SHADOW_PORT']}"
+        manager = f"http://10.0.2.2:{ports['MANAGER_PORT']}"
+        token = servers["manager_token"].read_text().strip()
+        env["ARGS_switch"] = (f"{REPO} {ports['SWITCH_PRIMARY_PORT']} "
+                              f"{ports['SWITCH_SHADOW_PORT']} {manager} {token}")  # fmt: skip
+        # vdf: read only, after swap
+        env["ARGS_udev"] = f"{REPO} {manager} {token} /dev/vdf /dev/vdk1 /dev/vdk2"
         result = run_guest(script, list(images.values()), timeout, work / "out",
                            host_ports=ports, env=env, files=files, host_root=True)  # fmt: skip
     return LabRun(result, images, marker, servers=servers, shadow_dir=work / "shadow")

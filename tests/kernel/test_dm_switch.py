@@ -1,5 +1,6 @@
 """`shadowblk attach --dm` in a real guest kernel: a table swap from the primary's NBD device to
-the shadow's under a writer loses nothing, and its pause set against the userspace router's."""
+the shadow's under a writer loses nothing, and its pause set against the userspace router's.
+The dm attach follows the manager (`--manager`): the swap is its own, when the map moves."""
 
 import json
 
@@ -35,6 +36,18 @@ def test_dm_swap_moves_the_device_and_cleans_up(lab: LabRun) -> None:
     _keep_pauses(lab, result)
 
 
+@pytest.mark.slow
+def test_dm_attach_follows_the_managers_map(lab: LabRun) -> None:
+    """The manager (on the host) named the primary's export first, then the shadow's (s1's
+    heartbeat, sent from the guest): the dm attach swapped its table by itself, once, to the
+    export the router was repointed to by hand; no connection was lost on the way."""
+    result = _result(lab)
+    status = result["dm"]["repoint"]["status"]
+    assert status["repoints"] == 1 and status["losses"] == 0 and status["upstream_alive"]
+    assert status["upstream"] == result["router"]["repoint"]["uri"]  # the shadow
+    assert status["generation"] == 1
+
+
 def _keep_pauses(lab: LabRun, result: dict) -> None:
     """The pauses measured in the guest, kept beside the lab's output for docs/attach.md
     (reported, never asserted: TCG on a shared host)."""
@@ -46,6 +59,7 @@ def _keep_pauses(lab: LabRun, result: dict) -> None:
         "writer_max_ms_around_swap": {"dm": dm["max_write_ms_around_swap"],
                                       "router": router["max_write_ms_around_swap"]},
         "writer_median_ms": {"dm": dm["median_write_ms"], "router": router["median_write_ms"]},
+        "dm_map_change_to_swap_ms": dm["repoint_call_ms"],
     }  # fmt: skip
     print(json.dumps(report))
     (lab.result.outdir / "switch" / "pauses.json").write_text(json.dumps(report))
