@@ -11,6 +11,9 @@
 VENV   := $(CURDIR)/.venv
 PY     := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
+SMART_MODEL := build/smart-model.json
+TRAIN_SMART_MODEL = mkdir -p $(dir $(SMART_MODEL)) && \
+	$(PY) -m shadowblk.cli predict train --data ../shared/data/hds.csv.gz --out $(SMART_MODEL)
 
 .PHONY: install deps system-deps python-deps build test bench demo lint clean kernel-lab prediction-report smart-model
 
@@ -38,8 +41,8 @@ test: deps
 bench: deps
 	$(PY) -m tools.bench.run
 
-demo: deps
-	$(PY) -m tools.demo.run
+demo: deps $(SMART_MODEL)
+	$(PY) -m tools.demo.run --model $(SMART_MODEL)
 
 kernel-lab: deps
 	$(PY) -m pytest -q -ra tests/kernel tests/unit/test_dm_era_reader.py tests/unit/test_dm_era_damage.py
@@ -48,7 +51,11 @@ prediction-report: deps
 	$(PY) -m shadowblk.cli predict report --data ../shared/data/hds.csv.gz --out docs/prediction.md
 
 smart-model: deps
-	$(PY) -m shadowblk.cli predict train --data ../shared/data/hds.csv.gz --out build/smart-model.json
+	$(TRAIN_SMART_MODEL)
+
+# the demo's manager scores with it: trained once (1-3 min), then kept; smart-model retrains it
+$(SMART_MODEL): | deps
+	$(TRAIN_SMART_MODEL)
 
 lint: python-deps
 	$(PY) -m ruff check shadowblk tests tools setup.py

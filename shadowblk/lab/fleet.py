@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,39 @@ LAB_FILE = "lab.json"
 READY_S = 60.0
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A recorded drive one agent reports instead of smartctl (the agent's --smart-replay)."""
+
+    file: Path
+    serial: str | None = None
+    start: str | None = None  # YYYY-MM-DD
+    speed: float | None = None  # recorded days per second [default: the agent's]
+
+    def argv(self) -> list[str]:
+        argv = ["--smart-replay", str(self.file)]
+        argv += ["--smart-serial", self.serial] if self.serial else []
+        argv += ["--replay-start", self.start] if self.start else []
+        return argv + (["--replay-speed", str(self.speed)] if self.speed else [])
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """The manager's failure predictor: its SMART model and its trigger (None: the manager's
+    defaults)."""
+
+    model: Path | None = None
+    threshold: float | None = None
+    sustain: str | None = None  # 30s, 10m, 1h
+    dry_run: bool = False
+
+    def argv(self) -> list[str]:
+        argv = ["--model", str(self.model)] if self.model else []
+        argv += ["--preempt-threshold", str(self.threshold)] if self.threshold else []
+        argv += ["--preempt-sustain", self.sustain] if self.sustain else []
+        return argv + (["--preempt-dry-run"] if self.dry_run else [])
+
+
 @dataclass
 class Options:
     servers: int
@@ -34,6 +67,8 @@ class Options:
     capacity: str
     heartbeat_interval: float
     heartbeat_timeout: float
+    predictor: Predictor = field(default_factory=Predictor)
+    replays: dict[str, Replay] = field(default_factory=dict)  # server name -> its drive
 
 
 @dataclass
@@ -74,7 +109,7 @@ class Lab:
             "manager",
             [*SHADOWBLK, "manager", "--store", store, "--listen", "127.0.0.1:0",
              "--token-file", str(token), "--state-dir", str(self.dir / "manager"),
-             "--heartbeat-timeout", str(opts.heartbeat_timeout)],
+             "--heartbeat-timeout", str(opts.heartbeat_timeout), *opts.predictor.argv()],
         )  # fmt: skip
         url = wait_ready(manager, "the manager", READY_S).removeprefix("ready ")
         agents = []
@@ -87,12 +122,15 @@ class Lab:
                  "--name", name, "--zone", zone, "--rack", f"r{i}",
                  "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
                  "--nbd-listen", "127.0.0.1:0", "--capacity", opts.capacity,
-                 "--interval", str(opts.heartbeat_interval), "--hmac-key-file", str(key)],
+                 "--interval", str(opts.heartbeat_interval), "--hmac-key-file", str(key),
+                 *(opts.replays[name].argv() if name in opts.replays else [])],
             )  # fmt: skip
             log = str(self.dir / "logs" / f"{name}.log")
+            replay = opts.replays.get(name)
             agents.append(
                 {"name": name, "zone": zone, "rack": f"r{i}", "pid": proc.pid,
-                 "data_dir": str(data_dir), "log": log}
+                 "data_dir": str(data_dir), "log": log,
+                 "smart_replay": _plain(replay) if replay else None}
             )  # fmt: skip
         for agent, (_name, proc) in zip(agents, self.procs[-len(agents) :], strict=True):
             wait_ready(proc, f"agent {agent['name']}", READY_S)
@@ -104,6 +142,7 @@ class Lab:
                 "pid": manager.pid,
                 "token_file": str(token),
                 "log": str(self.dir / "logs" / "manager.log"),
+                "predictor": _plain(opts.predictor),
             },
             "etcd": etcd,
             "hmac_key_file": str(key),
@@ -150,6 +189,11 @@ class Lab:
                 stop(proc, timeout=20)
         self.procs.clear()
         (self.dir / LAB_FILE).unlink(missing_ok=True)
+
+
+def _plain(options: Replay | Predictor) -> dict[str, Any]:
+    """OPTIONS as lab.json shows them (paths as text)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

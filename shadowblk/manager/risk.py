@@ -9,8 +9,15 @@ server: `server show`, the dashboard, /metrics, the alerts).
 When the trigger fires, the server's primaries are to move before it fails: `drain(server,
 reason)` is called (it must not block: this runs on the store thread, inside the heartbeat);
 in dry-run, or without a drain, the decision is only recorded as a `failure-preempt` event and
-logged. Either way the event says why. The state lives in the leading manager's memory: a new
-leader learns the latency baseline again (the SMART history it gets at once).
+logged. Either way the event says why.
+
+The trigger's clock and the error and checksum counters' windows survive a change of leader:
+they are part of the `failure` document stored with the server at every heartbeat (`trigger`:
+state, above_since; `counters`; `at`), and a manager that assesses a server whose stored
+document is newer than its own memory (a new leader, or this one leading again) takes them
+over (`_resume`), so a failover neither resets a sustained count nor repeats a decision. The
+SMART history comes with every heartbeat. Only the latency detector's baseline stays in the
+leader's memory: a new leader learns it again (its warm-up), without a latency signal meanwhile.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from shadowblk.predict.trigger import Action, Decision, SustainedTrigger, Trigge
 log = logging.getLogger(__name__)
 
 Drain = Callable[[str, str], None]
+KEPT_CHANGES = 64  # of a counter's window, in the stored document
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,19 @@ class Increase:
             self.points.popleft()
         return value - self.points[0][1]
 
+    def changes(self) -> list[list[float]]:
+        """The window as the first point of each run of equal values (the newest
+        KEPT_CHANGES): what `update` needs to go on exactly, small enough to store."""
+        kept = [p for i, p in enumerate(self.points) if not i or p[1] != self.points[i - 1][1]]
+        return [[t, v] for t, v in kept[-KEPT_CHANGES:]]
+
+    def restore(self, changes: Any) -> None:
+        """Continue from CHANGES (`changes()`, maybe another manager's); ignored if malformed."""
+        if isinstance(changes, list) and all(
+            isinstance(c, list) and len(c) == 2 and _finite(c[0]) and _finite(c[1]) for c in changes
+        ):
+            self.points = deque((float(t), int(v)) for t, v in changes)
+
 
 class ServerState:
     """What the predictor remembers about one server between heartbeats."""
@@ -95,17 +116,21 @@ class RiskMonitor:
         self.drain = drain  # Manager.start_drain: from the store thread, without waiting
         self.servers: dict[str, ServerState] = {}
 
-    def assess(self, server: str, body: dict[str, Any], now: float) -> dict[str, Any]:
-        """The `failure` document of SERVER after this heartbeat BODY at time NOW. A predictor
-        fault is logged and reported in the document: it never fails the heartbeat."""
+    def assess(
+        self, server: str, body: dict[str, Any], now: float, stored: Any = None
+    ) -> dict[str, Any]:
+        """The `failure` document of SERVER after this heartbeat BODY at time NOW; STORED is
+        the document the store holds from the last heartbeat (whichever manager wrote it). A
+        predictor fault is logged and reported in the document: it never fails the heartbeat."""
         try:
-            return self._assess(server, body, now)
+            return self._assess(server, body, now, stored)
         except Exception as err:
             log.exception("failure prediction for %s", server)
             return {"probability": 0.0, "reasons": [f"predictor error: {err}"], "at": now}
 
-    def _assess(self, server: str, body: dict[str, Any], now: float) -> dict[str, Any]:
+    def _assess(self, server: str, body: dict[str, Any], now: float, stored: Any) -> dict[str, Any]:
         state = self.servers.setdefault(server, ServerState(self.settings))
+        self._resume(server, state, stored, now)
         disks, smart_doc = self._smart(state, body.get("smart") or {}, now)
         latency = self._latency(state, body.get("io_window") or {}, now)
         errors = state.errors.update(now, int(body.get("io_errors", 0)))
@@ -131,10 +156,39 @@ class RiskMonitor:
             "checksum_discrepancies_in_window": checksums,
         }
         doc["trigger"] = self._trigger_doc(decision)
+        doc["counters"] = {  # for the next leader (_resume)
+            "io_errors": state.errors.changes(),
+            "checksum_discrepancies": state.checksums.changes(),
+        }
         doc["at"] = now
         if decision.action is not Action.NONE:
             self._act(server, decision, doc)
         return doc
+
+    def _resume(self, server: str, state: ServerState, stored: Any, now: float) -> None:
+        """Take over the trigger's clock and the counters' windows from STORED when another
+        manager wrote it after this one last judged SERVER. A fired trigger stays fired (no
+        second decision), unless it was to drain and primaries are still on the server: the
+        leader that fired may have died mid-drain, so it fires again at once and the rest
+        moves."""
+        trigger = state.trigger
+        saved = _saved_trigger(stored, self.settings.trigger)
+        if saved is None or (trigger.last_time is not None and saved[0] <= trigger.last_time):
+            return
+        counters = stored.get("counters") or {}
+        state.errors.restore(counters.get("io_errors"))
+        state.checksums.restore(counters.get("checksum_discrepancies"))
+        at, above_since, fired = saved
+        at = min(at, now)  # another manager's clock may run ahead of this one's
+        trigger.last_time = at
+        trigger.above_since = None if above_since is None else min(above_since, at)
+        dry_run = self.settings.trigger.dry_run
+        trigger.latched = fired and (dry_run or not self._primaries(server))
+        log.info("%s: trigger taken over from the store (%s, above the threshold since %s)",
+                 server, "fired" if fired else "armed or pending", above_since)  # fmt: skip
+
+    def _primaries(self, server: str) -> list[str]:
+        return sorted(v.name for v in self.store.list_volumes() if v.primary == server)
 
     def _smart(
         self, state: ServerState, smart: dict[str, Any], now: float
@@ -212,7 +266,7 @@ class RiskMonitor:
             f"predicted failure of {server}: probability {doc['probability']:.2f} "
             f"(confidence {doc['confidence']:.2f}), {decision.reason}: {doc['explanation']}"
         )
-        primaries = sorted(v.name for v in self.store.list_volumes() if v.primary == server)
+        primaries = self._primaries(server)
         detail: dict[str, Any] = {
             "action": "report" if decision.action is Action.REPORT else "drain",
             "dry_run": decision.action is Action.REPORT,
@@ -249,3 +303,27 @@ def _reported(failure: Any) -> tuple[float, list[str]] | None:
     if not 0.0 <= p <= 1.0 or not isinstance(reasons, list):
         return None
     return float(p), [str(r) for r in reasons if isinstance(r, str)]
+
+
+def _saved_trigger(
+    stored: Any, settings: TriggerSettings
+) -> tuple[float, float | None, bool] | None:
+    """(when, above since, fired) of the trigger in a stored `failure` document, if it was kept
+    under the same policy (threshold, sustain time, dry run): a clock counted against another
+    threshold, or a decision taken in dry run, is not this manager's to continue."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("trigger"), dict):
+        return None
+    saved, at = stored["trigger"], stored.get("at")
+    since = saved.get("above_since")
+    policy = (saved.get("threshold"), saved.get("sustain_seconds"), saved.get("dry_run"))
+    if policy != (settings.threshold, settings.sustain_seconds, settings.dry_run):
+        return None
+    if not _finite(at) or saved.get("state") not in ("armed", "pending", "fired"):
+        return None
+    if since is not None and not _finite(since):
+        return None
+    return float(at), None if since is None else float(since), saved["state"] == "fired"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

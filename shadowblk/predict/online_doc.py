@@ -70,9 +70,47 @@ whose detail says why: `reason` (probability, confidence, how long, the explanat
 (`RiskMonitor.drain(server, reason)`: the switchover orchestration's drain, called without
 waiting: the decision runs on the manager's store thread).
 
-The state (detector baselines, counters, the trigger's clock) lives in the leading manager's
-memory: a new leader learns the latency baseline again (30 samples) and starts the sustain
-count anew; SMART it scores at once.
+### A change of leader
+
+With several managers (etcd), a new leader goes on where the last one stopped. What it needs
+is stored with the server at every heartbeat, in its `failure` document (SQLite or etcd, the
+same store interface): the trigger's clock (`trigger.state`, `trigger.above_since`, `at`) and
+the I/O error and checksum counters' windows (`counters`: the first reading of each run of
+equal values within the 10 min window, the newest 64). A manager that judges a server whose
+stored document is newer than its own memory (a new leader, or a former one leading again)
+takes them over, so a failover neither restarts a sustained count (the trigger fires
+`--preempt-sustain` after the risk first crossed the threshold, whichever leader saw it) nor
+repeats a decision: a fired trigger stays fired, except when it fired to drain and primaries
+are still on the server (the leader may have died mid-drain): then it fires again at once and
+the rest moves. A clock kept under another policy (threshold, sustain time or dry run
+changed) is not taken over: the count starts anew. A stored time ahead of this manager's clock
+is taken as now. The SMART history comes with every heartbeat, so disks are scored at once.
+Only the latency detector's baseline is not kept: a new leader learns it again (30 samples,
+about 30 s), without a latency signal meanwhile, so a risk resting on latency alone can fall
+under the threshold at a failover and its count restart (a baseline is per-sample state that
+would have to be written at every heartbeat, and 30 s of learning is short next to any
+sensible sustain time).
+
+### The demo's predictive act
+
+`make demo` ends with it (`tools/demo/predictive.py`, after the planned and emergency
+switchovers): a second lab, `shadowblk lab up --servers 2 --model build/smart-model.json
+--preempt-threshold 0.5 --preempt-sustain 5s --smart-replay s1=9VS1QC90.csv --smart-serial
+s1=9VS1QC90 --replay-start s1=2014-04-19 --replay-speed 0.5`, where `9VS1QC90.csv` holds that
+drive's rows of shared/data's extract (a Seagate ST31500341AS that failed on 2014-05-24, held
+out of `make smart-model`'s training by its serial's hash). A 64 MiB sync volume on s1 with its
+shadow on s2; `attach` and fio (random 4 KiB writes, each flushed, then every block verified)
+as the VM; one recorded day every 2 s. The demo prints s1's probability, confidence and
+trigger state day by day: under 0.02 until 2014-05-04, 0.77 on 2014-05-05 (reallocated
+sectors jump from 70 to 4092), fired 5 s later; then the `failure-preempt` decision with its
+reasons and the drive's top features (its model's drivers: the rule attributes' log sum, the
+rule flag, hours since SMART 197 last grew), the switchover record (s1 -> s2, its pause and
+reason), the recorded day it moved (about 16 days before the failure) and fio's verification
+through attach. `make demo` trains `build/smart-model.json` the first time (1-3 min; `make
+smart-model` retrains it). `shadowblk lab up --help` lists the predictor's options
+(`--model`, `--preempt-threshold`, `--preempt-sustain`, `--preempt-dry-run`, `--smart-replay
+SERVER=FILE`, `--smart-serial SERVER=SERIAL`, `--replay-start SERVER=DATE`, `--replay-speed`);
+`lab.json` records them.
 
 ### What an operator does
 
@@ -103,4 +141,11 @@ and flush, test-only) is flagged within 30 s; a healthy agent under fio at 100, 
 version stop the agent and the manager with one clear line. `tests/unit/test_manager_risk.py`,
 `test_predict_readings.py`, `test_agent_smart_source.py`: the monitor on a real store; the
 readings' format and its bad input; the start-stop replay; the replay's clock and start date.
+`tests/unit/test_risk_takeover.py` (SQLite and a real etcd, heartbeats through the real
+`Fleet`): a second manager taking over fires at the first one's sustain deadline, with the
+error counters' growth carried over; a leader regaining a server whose drain may have been cut
+short asks again, and one whose primaries have moved does not; a dry-run decision is not
+repeated; a clock kept under another threshold is not taken over; a stored time ahead of the
+new leader's clock is no error. `tests/integration/test_lab_cli.py`: `lab up`'s predictor and
+replay options reach the manager and the agent, and their bad values are usage errors.
 """  # noqa: E501 - Markdown table rows

@@ -17,10 +17,12 @@ import pytest
 from shadowblk.cli.agent import serve_has_shadows
 from shadowblk.manager.client import Client
 from tests.agent_lab import children_of, hosted, running, serving, wait_for
+from tests.predict_lab import DATA
 from tests.procs import SHADOWBLK, Processes
 
 MiB = 1 << 20
 REPLICATION = serve_has_shadows()  # `serve` ships to shadows: their files must appear
+FAILING = "9VS1QC90"  # a drive of the shared data that failed on 2014-05-24
 
 
 def cli(lab: dict[str, Any], *args: str) -> subprocess.CompletedProcess:
@@ -123,3 +125,67 @@ def test_cli_against_a_lab(procs: Processes, tmp_path: Path, store: str) -> None
         [*SHADOWBLK, "lab", "down", "--dir", str(lab_dir)], capture_output=True, text=True
     )
     assert again.returncode == 1 and "no lab runs" in again.stderr
+
+
+def lab_up(lab_dir: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SHADOWBLK, "lab", "up", "--dir", str(lab_dir), *options],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_lab_options_for_the_predictor(procs: Processes, tmp_path: Path) -> None:
+    """A replayed drive on one agent and the manager's trigger settings reach the processes
+    (what the demo's predictive act runs); bad values are usage errors before anything starts."""
+    lab_dir = tmp_path / "lab"
+    bad_model = tmp_path / "model.json"
+    bad_model.write_text('{"format": "shadowblk-smart-model", "format_version": 99}\n')
+    for options, error in (
+        (("--smart-replay", f"s3={DATA}"), "no server 's3' in this lab (s1..s2)"),
+        (("--smart-replay", "s1"), "'s1' is not SERVER=VALUE"),
+        (("--smart-replay", f"s1={tmp_path / 'none.csv'}"), "s1: no file"),
+        (("--smart-serial", "s1=X"), "no --smart-replay for s1"),
+        (("--preempt-sustain", "soon"), "'soon' is not a duration"),
+        (("--model", str(bad_model)), "format_version 99 is not supported"),
+    ):
+        out = lab_up(lab_dir, "--servers", "2", *options)
+        assert out.returncode == 2 and error in out.stderr, (options, out.stderr)
+        assert "Traceback" not in out.stderr and not (lab_dir / "lab.json").exists()
+
+    up = procs.start(
+        [*SHADOWBLK, "lab", "up", "--dir", str(lab_dir), "--servers", "2",
+         "--heartbeat-interval", "0.3", "--preempt-threshold", "0.7", "--preempt-sustain", "10m",
+         "--preempt-dry-run", "--smart-replay", f"s1={DATA}", "--smart-serial", f"s1={FAILING}",
+         "--replay-start", "s1=2014-05-20", "--replay-speed", "2"],
+        name="lab",
+    )  # fmt: skip
+    procs.wait_ready(up, timeout=120)
+    lab = json.loads((lab_dir / "lab.json").read_text())
+    assert lab["manager"]["predictor"] == {
+        "model": None, "threshold": 0.7, "sustain": "10m", "dry_run": True,
+    }  # fmt: skip
+    replays = {a["name"]: a["smart_replay"] for a in lab["agents"]}
+    assert replays == {
+        "s1": {"file": str(DATA), "serial": FAILING, "start": "2014-05-20", "speed": 2.0},
+        "s2": None,
+    }
+    client = Client(lab["manager"]["url"])
+
+    def health(name: str) -> dict[str, Any]:
+        return client.server(name).get("health", {})
+
+    replay = wait_for(lambda: health("s1").get("smart", {}).get("replay"), 30, "s1's replay")
+    assert replay["date"] >= "2014-05-20" and replay["last_date"] == "2014-05-24"
+    assert replay["ends_in_failure"] and replay["speed_days_per_second"] == 2.0
+    assert health("s1")["smart"]["devices"]["replay"]["serial"] == FAILING
+    assert "replay" not in health("s2").get("smart", {})
+    trigger = wait_for(lambda: health("s2").get("failure", {}).get("trigger"), 30, "s2 judged")
+    assert (trigger["threshold"], trigger["sustain_seconds"], trigger["dry_run"]) == (
+        0.7, 600.0, True,
+    )  # fmt: skip
+    done = subprocess.run(
+        [*SHADOWBLK, "lab", "down", "--dir", str(lab_dir)], capture_output=True, text=True,
+        timeout=90,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert up.wait(10) == 0

@@ -5,52 +5,47 @@ with a shadow, a workload through the primary's NBD endpoint, the tracker's view
 shadow converging byte for byte, an integrity scrub of the pair, the fleet's status and
 metrics; then the VM's view: fio writing and verifying through `attach` while the volume is
 switched over, planned and then in an emergency (kill -9 of the primary's agent and its
-children), with the pause of each and fio's verification. Every step runs the real command an
-operator would type; the demo stops the lab whatever happens.
+children), with the pause of each and fio's verification. Then the predictive act
+(tools/demo/predictive.py): a second lab whose server s1 replays a real failing drive's recorded
+SMART days; the manager's model scores it, and its volume moves before the recorded failure day
+while fio verifies through attach. Every step runs the real command an operator would type; the
+demo stops its labs whatever happens.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
-import shlex
+import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
-from shadowblk.ports import free_port
+from tools.demo import predictive
+from tools.demo.shell import (
+    SHADOWBLK,
+    fio_verified,
+    hosted_endpoint,
+    in_step,
+    lab_env,
+    run,
+    start_attach,
+    start_fio,
+    start_lab,
+    step,
+    stop,
+    stop_lab,
+    wait_for,
+)
 
-SHADOWBLK = [sys.executable, "-m", "shadowblk.cli"]
 MiB = 1 << 20
 VOLUME = "demo"
 SIZE = 256 * MiB
-
-
-def step(title: str) -> None:
-    print(f"\n\033[1m== {title}\033[0m", flush=True)
-
-
-def run(
-    argv: list[str], env: dict[str, str] | None = None, check: bool = True, quiet: bool = False
-) -> str:
-    """Run ARGV, echo it like a shell transcript, print its output (not if QUIET), return
-    stdout."""
-    shown = " ".join(shlex.quote(a) for a in argv).replace(" ".join(SHADOWBLK), "shadowblk")
-    if not quiet or "switchover" in argv:
-        print(f"$ {shown}", flush=True)
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    out = proc.stdout + proc.stderr
-    if out.strip() and not quiet:
-        print("  " + out.strip().replace("\n", "\n  "), flush=True)
-    if check and proc.returncode != 0:
-        raise SystemExit(f"demo: step failed with exit code {proc.returncode}")
-    return proc.stdout
 
 
 def sha256(path: Path) -> str:
@@ -61,67 +56,21 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def wait_for(probe: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = probe()
-        if result:
-            return result
-        time.sleep(0.25)
-    raise SystemExit(f"demo: {what} did not happen within {timeout:.0f} s")
-
-
-def start_lab(lab_dir: Path) -> subprocess.Popen:
-    step("1. A lab fleet: one manager and three agents (zones z1, z2, z3) on loopback")
-    print(f"$ shadowblk lab up --servers 3 --dir {lab_dir} --heartbeat-timeout 2", flush=True)
-    argv = [*SHADOWBLK, "lab", "up", "--servers", "3", "--dir", str(lab_dir)]
-    proc = subprocess.Popen(
-        [*argv, "--heartbeat-timeout", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        print("  " + line.rstrip(), flush=True)
-        if line.startswith("logs in"):
-            return proc
-    raise SystemExit(f"demo: the lab did not start (exit {proc.wait()})")
-
-
-def hosted_endpoint(env: dict[str, str], server: str) -> str | None:
-    out = subprocess.run(
-        [*SHADOWBLK, "server", "show", server, "--json"], capture_output=True, text=True, env=env
-    )
-    if out.returncode != 0:
-        return None
-    report = json.loads(out.stdout).get("health", {}).get("hosted", {}).get(VOLUME, {})
-    return report.get("endpoint") if report.get("state") == "running" else None
-
-
-def demo(work: Path) -> None:
+def demo(work: Path, model: Path) -> None:
     run([*SHADOWBLK, "doctor"])
     lab_dir = work / "lab"
     lab_dir.mkdir()
-    lab = start_lab(lab_dir)
+    step("1. A lab fleet: one manager and three agents (zones z1, z2, z3) on loopback")
+    lab = start_lab(lab_dir, "--servers", "3", "--heartbeat-timeout", "2")
     try:
         tour(lab_dir)
     finally:
-        step("Stopping the lab")
-        run([*SHADOWBLK, "lab", "down", "--dir", str(lab_dir)], check=False)
-        if lab.poll() is None:
-            lab.send_signal(signal.SIGTERM)
-            lab.wait(30)
+        stop_lab(lab_dir, lab)
+    predictive.act(work, model)
 
 
 def tour(lab_dir: Path) -> None:
-    doc = json.loads((lab_dir / "lab.json").read_text())
-    env = {
-        **os.environ,
-        "SHADOWBLK_MANAGER": doc["manager"]["url"],
-        "SHADOWBLK_TOKEN": (lab_dir / "token").read_text().strip(),
-    }
+    env = lab_env(lab_dir)
     run([*SHADOWBLK, "server", "list"], env=env)
 
     step("2. A volume with one shadow, placed by the manager in another zone")
@@ -136,7 +85,7 @@ def tour(lab_dir: Path) -> None:
     run([*SHADOWBLK, "placement", "explain", VOLUME], env=env)
 
     step("3. A workload through the primary's NBD endpoint (qemu-io, a real NBD client)")
-    url = wait_for(lambda: hosted_endpoint(env, "s1"), 60, "the primary's endpoint")
+    url = wait_for(lambda: hosted_endpoint(env, "s1", VOLUME), 60, "the primary's endpoint")
     started = time.monotonic()
     run(["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 32M", "-c", "write -P 0xcd 96M 16M",
          "-c", "write -z 200M 8M", "-c", "flush", url])  # fmt: skip
@@ -187,48 +136,19 @@ def tour(lab_dir: Path) -> None:
 
 def switchovers(lab_dir: Path, env: dict[str, str]) -> None:
     step("8. The VM's endpoint: `attach` follows the manager; fio writes and verifies through it")
-    port = free_port()
-    attach = subprocess.Popen(
-        [*SHADOWBLK, "attach", VOLUME, "--manager", env["SHADOWBLK_MANAGER"],
-         "--listen", "127.0.0.1:0", "--control", f"127.0.0.1:{port}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    attach, uri, control = start_attach(env, VOLUME, lab_dir / "logs" / "attach.log")
     try:
-        assert attach.stdout is not None
-        uri = attach.stdout.readline().split()[1]
-        print(f"  attach serves {uri}", flush=True)
-        fio = subprocess.Popen(
-            ["fio", "--name=vm", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
-             "--size=24M", "--iodepth=4", "--fsync=1", "--rate_iops=250", "--verify=crc32c",
-             "--verify_fatal=1", "--randseed=11", "--output-format=terse"],
-            cwd=lab_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        moves(lab_dir, env, f"http://127.0.0.1:{port}")
-        _, err = fio.communicate(timeout=300)
-        if fio.returncode:
-            raise SystemExit(f"demo: fio failed: {err}")
-        status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/status").read())
-        print(
-            f"  fio wrote 24 MiB (flushing each write) and verified every block: exit 0; "
-            f"attach answered {status['requests']} requests, {status['errors']} errors, "
-            f"{status['retries']} retried, {status['replayed']} replayed",
-            flush=True,
-        )
+        fio = start_fio(uri, lab_dir, 24, 250)
+        moves(lab_dir, env, control)
+        fio_verified(fio, control, 24, lab_dir / "logs" / "attach.log")
     finally:
-        attach.send_signal(signal.SIGTERM)
-        attach.wait(30)
+        stop(attach)
     run([*SHADOWBLK, "status"], env=env)
 
 
 def moves(lab_dir: Path, env: dict[str, str], control: str) -> None:
     """A planned switchover, then kill -9 of the new primary's agent, under fio."""
-
-    def in_step() -> bool:
-        volume = json.loads(run([*SHADOWBLK, "volume", "show", VOLUME, "--json"], env=env,
-                                quiet=True))  # fmt: skip
-        return all(s["state"] == "in_sync" for s in volume["shadows"])
-
-    wait_for(in_step, 60, "the shadow in step")
+    wait_for(lambda: in_step(env, VOLUME), 60, "the shadow in step")
     step("9. A planned switchover (an operator, or the predictor): fence, last epoch, promote")
     record = json.loads(run([*SHADOWBLK, "switchover", VOLUME, "--reason", "demo", "--json"],
                             env=env, quiet=True))  # fmt: skip
@@ -236,7 +156,7 @@ def moves(lab_dir: Path, env: dict[str, str], control: str) -> None:
         f"  {record['from']} -> {record['to']}: pause {record['pause_seconds'] * 1000:.0f} ms "
         f"(steps {record['timings_ms']}), old primary kept for {record['old_primary']}"
     )
-    wait_for(in_step, 60, "the old primary in step as a shadow")
+    wait_for(lambda: in_step(env, VOLUME), 60, "the old primary in step as a shadow")
     step(f"10. An emergency: kill -9 of {record['to']}'s agent and its children")
     doc = json.loads((lab_dir / "lab.json").read_text())
     (agent,) = [a["pid"] for a in doc["agents"] if a["name"] == record["to"]]
@@ -274,9 +194,24 @@ def children(pid: int) -> list[int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo.run", description=__doc__)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=predictive.MODEL,
+        help="The manager's SMART model for the predictive act (make smart-model) [%(default)s].",
+    )
+    model = parser.parse_args().model
+    if not model.is_file():
+        raise SystemExit(f"demo: no SMART model at {model}: `make smart-model` trains it")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="shadowblk-demo-") as tmp:
-        demo(Path(tmp))
+    work = Path(tempfile.mkdtemp(prefix="shadowblk-demo-"))
+    try:
+        demo(work, model.resolve())
+    except BaseException:
+        print(f"\ndemo failed: its labs' logs are kept in {work}", file=sys.stderr, flush=True)
+        raise
+    shutil.rmtree(work)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s", flush=True)
 
 
