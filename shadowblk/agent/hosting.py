@@ -216,6 +216,8 @@ class Hosting(RoleChanges):
             self.expire_standbys(now)
             if any(rec["role"] == "shadow" for rec in self.volumes.values()):
                 self.zygote.tick(now)  # a promotion's standby starts from it
+            else:
+                self.zygote.stop()  # nothing here can be promoted
             for child in self.standby.values():
                 child.tick(now)
 

@@ -10,12 +10,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shadowblk.agent import switch
-from shadowblk.agent.children import Child
+from shadowblk.agent.children import SHADOWBLK, Child
 from shadowblk.nbd import fence
+from shadowblk.timings import Timings
 
 if TYPE_CHECKING:
     from shadowblk.agent.hosting import Replication
@@ -26,6 +28,26 @@ SOCKET_PATH_MAX = 100  # a Unix socket path must fit sockaddr_un (108 bytes)
 STANDBY_READY_S = 60.0
 HOLD_AFTER_PROMOTION_S = 120.0  # unless the manager releases it earlier
 STOP_WAIT_S = 60.0  # a stopping shadow server first finishes the epoch it applies
+PRIME_S = 60.0  # after `prepare`, the shadow server leaves the volume's commits alone this long
+STANDBY_TTL_S = 180.0  # a standby never promoted (its primary's server came back) is stopped
+SHADOW_SERVER = "_server"  # its control socket's name in the shadows' folder (no volume id)
+ZYGOTE = "_zygote"  # the zygote's socket's name in the primaries' folder
+
+
+@dataclass
+class Prepared:
+    """A standby `serve`: what it was started for, and its shadows' addresses looked up then."""
+
+    child: Child
+    key: tuple[Any, ...]
+    addresses: dict[str, str]
+    since: float = field(default_factory=time.monotonic)
+
+
+def standby_key(volume: dict[str, Any]) -> tuple[Any, ...]:
+    """What a standby's command line depends on: one started for an equal key can serve."""
+    fields = ("generation", "size_bytes", "block_size", "mode")
+    return (*(volume.get(f) for f in fields), tuple(shadow_servers(volume)))
 
 
 def control_socket(primaries: Path, name: str) -> Path:
@@ -62,13 +84,83 @@ class RoleChanges:
     primaries_dir: Path
     shadows_dir: Path
     shadow_child: Child
+    zygote: Child
     shadow_held_until: float
+    shadow_holds: dict[str, float]
+    prepared: dict[str, Prepared]
     restart_shadow_server: bool
     replication: Replication
     save: Callable[[], None]
     on_starter: Callable[..., Any]
     _serve_argv: Callable[..., list[str]]
     _primary_child: Callable[[str], Child]
+
+    @property
+    def shadow_control(self) -> Path:
+        """The shadow server's control socket: one volume handed over, the others go on."""
+        return control_socket(self.shadows_dir, SHADOW_SERVER)
+
+    @property
+    def zygote_socket(self) -> Path:
+        """Where the agent's zygote (shadowblk/agent/zygote.py) waits for its command line."""
+        return control_socket(self.primaries_dir, ZYGOTE)
+
+    def _start_serve(self, child: Child) -> None:
+        """CHILD's `serve`: the zygote if one is ready (its imports done: no process start in
+        the promotion's path), else a new one (lock held, on a thread that lives as long as
+        the agent)."""
+        if child.proc is None and self.zygote.proc is not None:
+            try:
+                args = child.argv()[len(SHADOWBLK) :]
+                taken = fence.command(self.zygote_socket, {"args": args}, 5.0).get("ok")
+            except (OSError, ValueError, LookupError):  # not listening yet: still loading
+                taken = False
+            proc = self.zygote.hand_off() if taken else None
+            if proc is not None:
+                child.adopt(proc)
+                return
+        child.tick(time.monotonic())
+
+    def holds_left(self) -> dict[str, float]:
+        """Seconds left of each volume's hold (the shadow server refuses streams for it)."""
+        now = time.monotonic()
+        return {name: until - now for name, until in self.shadow_holds.items() if until > now}
+
+    def _shadow_call(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
+        """CMD to the running shadow server; None if it could not take it (not running)."""
+        if self.shadow_child.url is None:
+            return None
+        try:
+            answer = fence.command(self.shadow_control, cmd, timeout=STOP_WAIT_S)
+        except (OSError, ValueError) as err:
+            log.warning("shadow server: %s %s: %s", cmd["op"], cmd.get("volume"), err)
+            return None
+        if not answer.get("ok"):
+            log.warning("shadow server: %s %s: %s", cmd["op"], cmd.get("volume"), answer)
+            return None
+        return answer
+
+    def _hand_over(self, name: str, seconds: float) -> None:
+        """The shadow server lets go of NAME (its stream ends at an epoch boundary, checkpointed)
+        and refuses streams for it for SECONDS, while its other volumes keep streaming; if it
+        cannot be asked, it is stopped whole for that long."""
+        self.shadow_holds[name] = time.monotonic() + seconds
+        if self._shadow_call({"op": "release", "volume": name, "seconds": seconds}) is not None:
+            return
+        with self.lock:
+            proc = self.shadow_child.terminate()
+            self.shadow_held_until = max(self.shadow_held_until, time.monotonic() + seconds)
+        if proc is not None:  # not with the lock held (unless the caller holds it)
+            _wait(proc, "the shadow server")
+
+    def _unhold(self, name: str) -> None:
+        """End NAME's hold: the shadow server takes streams for it again, after loading the
+        copy a demotion left here."""
+        self.shadow_holds.pop(name, None)
+        if self.shadow_held_until > time.monotonic():  # stopped whole: it starts at the next
+            self.shadow_held_until = 0.0  # tick, reading every volume
+        elif self._shadow_call({"op": "adopt", "volume": name}) is None:
+            self.restart_shadow_server = True  # it may have started with the hold: again
 
     def lease_left(self, name: str) -> float:
         return max(0.0, self.leases.get(name, 0.0) - time.monotonic())
@@ -123,22 +215,32 @@ class RoleChanges:
         return fence.command(path, {"op": "drain", "timeout": timeout_s}, timeout_s + 10)
 
     def prepare(self, name: str, volume: dict[str, Any]) -> None:
-        """Start NAME's future `serve` in standby (loaded, not serving), to promote it fast."""
+        """Start NAME's future `serve` in standby (loaded, not serving), to promote it fast; look
+        its shadows' addresses up now (not in the pause); have the shadow server checkpoint NAME
+        now and not again until the promotion (docs/switchover.md)."""
+        try:
+            addresses = {s: self.replication.shadow_address(s) for s in shadow_servers(volume)}
+        except LookupError:  # looked up again at the promotion
+            addresses = {}
         with self.lock:
             rec = self.volumes.get(name)
             if rec is None or rec["role"] != "shadow":
                 raise switch.SwitchError(f"{name}: no shadow of it here")
-            old = self.standby.pop(name, None)
-            if old is not None:
-                old.stop()
-            future = {"role": "primary", "volume": volume, "port": rec.get("port")}
-            child = Child(f"standby {name}", lambda: self._serve_argv(name, future, True))
-            self.standby[name] = child
-        self.on_starter(lambda: child.tick(time.monotonic()))
+            old = self.prepared.get(name)
+            if old and old.key == standby_key(volume) and old.child.proc is not None:
+                child = old.child  # started for this very promotion (an emergency's warm-up)
+            else:
+                self._drop_standby(name)
+                future = {"role": "primary", "volume": volume, "port": rec.get("port")}
+                child = Child(f"standby {name}", lambda: self._serve_argv(name, future, True))
+                self.standby[name] = child
+                self.prepared[name] = Prepared(child, standby_key(volume), addresses)
+        self.on_starter(lambda: self._start_serve(child))
         deadline = time.monotonic() + STANDBY_READY_S
         while True:  # loaded once its control socket answers: promoting it is then quick
             try:
                 fence.command(control_socket(self.primaries_dir, name), {"op": "status"}, 1.0)
+                self._shadow_call({"op": "prime", "volume": name, "seconds": PRIME_S})
                 return
             except (OSError, ValueError):
                 if child.proc is None or child.proc.poll() is not None:
@@ -148,69 +250,102 @@ class RoleChanges:
                 time.sleep(0.01)
 
     def promote(self, name: str, volume: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        """Make the shadow of NAME its primary at VOLUME's generation; its endpoint and epoch.
-        The shadow server is stopped first (it finishes and checkpoints the epoch it applies)
-        and stays stopped until the manager releases it (`hold` 0) once the old primary is
-        demoted: restarted earlier, it would take the fenced old primary's stream again."""
+        """Make the shadow of NAME its primary at VOLUME's generation; its endpoint, epoch and
+        the milliseconds of each step. The shadow server hands NAME over (it finishes and
+        checkpoints the epoch it applies; its other volumes keep streaming) and refuses
+        streams for it until the manager releases it (`hold` 0) once the old primary is
+        demoted: else it would take the fenced old primary's stream again."""
         with self.lock:
             rec = self.volumes.get(name)
             if rec is None or rec["role"] != "shadow":
                 raise switch.SwitchError(f"{name}: no shadow of it here")
-            proc = self.shadow_child.terminate()
-            self.shadow_held_until = time.monotonic() + HOLD_AFTER_PROMOTION_S
-        if proc is not None:  # not with the lock held
-            _wait(proc, "the shadow server")
-        child, epoch = self.on_starter(lambda: self._promote(name, volume, held=True))
+        steps = Timings()
+        self._hand_over(name, HOLD_AFTER_PROMOTION_S)
+        steps.mark("release_ms")
+        child, epoch = self.on_starter(lambda: self._promote(name, volume, held=True, steps=steps))
         deadline = time.monotonic() + timeout
         while True:  # polled here, not by the loop's tick, to see the ready line at once
             with self.lock:
                 if child.proc is not None and child.ready is not None:
                     child.url = child.url or child.ready.poll()
                 if child.url is not None:
-                    self._push_lease(name)
-                    return {"endpoint": child.url, "epoch": epoch}
+                    steps.mark("ready_ms")
+                    if self._leased.get(name) != self.leases.get(name):  # not given with `go`
+                        self._push_lease(name)
+                    steps.mark("lease_ms")
+                    return {"endpoint": child.url, "epoch": epoch, "steps_ms": steps.ms}
             if time.monotonic() > deadline:
                 raise switch.SwitchError(f"{name}: the promoted primary did not start")
             time.sleep(0.002)
 
-    def _promote(self, name: str, volume: dict[str, Any], held: bool) -> tuple[Child, int]:
+    def _promote(
+        self, name: str, volume: dict[str, Any], held: bool, steps: Timings | None = None
+    ) -> tuple[Child, int]:
         """The shadow's files become the primary's (recovered first: the image at the last
-        committed epoch), served by the standby `serve` if one waits, else a new one."""
+        committed epoch), served by the standby `serve` if one waits, else a new one. HELD:
+        the caller had the shadow server hand NAME over, and the manager ends the hold."""
+        steps = steps or Timings()
+        steps.mark("dispatch_ms")
         rec = self.volumes[name]
-        addresses = [self.replication.shadow_address(s) for s in shadow_servers(volume)]
-        self.shadow_child.stop()
+        prepared = self.prepared.pop(name, None)
+        known = prepared.addresses if prepared else {}
+        addresses = [
+            known.get(s) or self.replication.shadow_address(s) for s in shadow_servers(volume)
+        ]
+        if not held:
+            self._hand_over(name, HOLD_AFTER_PROMOTION_S)
         switch.recover(self.shadows_dir, name)
+        steps.mark("recover_ms")
         epoch = switch.take_shadow(self.shadows_dir, self.primaries_dir, name, addresses)
+        steps.mark("take_ms")
         self.volumes[name] = {"role": "primary", "volume": volume, "port": rec.get("port")}
         self.leases[name] = self.lease_until  # the agent's, until its next heartbeat
         child = self.standby.pop(name, None)
         if child is not None and child.proc is not None and child.proc.poll() is None:
             child.name = f"primary {name}"
             child.argv = lambda: self._serve_argv(name, self.volumes[name])
-            fence.command(control_socket(self.primaries_dir, name), {"op": "go"})
+            go = {"op": "go", "lease": self.lease_left(name)}
+            fence.command(control_socket(self.primaries_dir, name), go)
+            self._leased[name] = self.leases[name]
         else:
             if child is not None:
                 child.stop()
             child = self._primary_child(name)
+            self._start_serve(child)  # no standby (an emergency without one): the zygote
         self.children[name] = child
+        steps.mark("go_ms")
         if not held:
-            self.shadow_held_until = 0.0
+            self._unhold(name)
         self.save()
         return child, epoch
 
+    def _drop_standby(self, name: str) -> None:
+        self.prepared.pop(name, None)
+        child = self.standby.pop(name, None)
+        if child is not None:
+            child.stop()
+
+    def expire_standbys(self, now: float) -> None:
+        """Stop the standbys never promoted (lock held): their primary's server came back."""
+        for name, prepared in list(self.prepared.items()):
+            if now - prepared.since > STANDBY_TTL_S:
+                log.info("standby of %s not promoted in %.0f s: stopped", name, STANDBY_TTL_S)
+                self._drop_standby(name)
+
     def hold(self, name: str, seconds: float) -> None:
-        """Stop the shadow server for up to SECONDS (0: start it again), while NAME changes
-        role: the old primary's host until it is demoted (the new primary's stream must find
-        the demoted copy, not an unknown volume to create), the new primary's until then too
-        (the fenced old primary must not find one)."""
+        """Have the shadow server refuse streams for NAME for up to SECONDS (0: take them
+        again, loading a demoted copy), while NAME changes role: on the old primary's host
+        until it is demoted (the new primary's stream must find the demoted copy, not an
+        unknown volume to create), on the new primary's until then too (the fenced old
+        primary must not find one)."""
         with self.lock:
             rec = self.volumes.get(name)
             if rec is None or rec["role"] != "primary":
                 raise switch.SwitchError(f"{name}: no primary of it here")
-            self.shadow_held_until = time.monotonic() + seconds
-            proc = self.shadow_child.terminate() if seconds > 0 else None  # 0: released
-        if proc is not None:  # no stream is taken any more once it has ended
-            _wait(proc, "the shadow server")
+        if seconds > 0:
+            self._hand_over(name, seconds)  # no stream for it is taken once this returns
+        else:
+            self._unhold(name)
 
     def demote(self, name: str, volume: dict[str, Any]) -> str:
         """Make the (fenced) primary of NAME a shadow of VOLUME's new primary again."""
@@ -223,13 +358,16 @@ class RoleChanges:
             child.stop()  # a clean stop waits a little for shadows: not with the lock held
         with self.lock:
             self._give_back(name, volume)
-            return self.volumes[name]["resync"]
+            mode = self.volumes[name]["resync"]
+        self._unhold(name)  # loading the copy takes a while: not with the lock held
+        return mode
 
     def _demote(self, name: str, volume: dict[str, Any]) -> None:
         child = self.children.pop(name, None)
         if child is not None:
             child.stop()
         self._give_back(name, volume)
+        threading.Thread(target=self._unhold, args=(name,), daemon=True).start()  # off the lock
 
     def _give_back(self, name: str, volume: dict[str, Any]) -> None:
         self.leases.pop(name, None)
@@ -238,6 +376,4 @@ class RoleChanges:
             self.primaries_dir, self.shadows_dir, name, new_primary, volume["generation"]
         )
         self.volumes[name] = {"role": "shadow", "volume": volume, "resync": mode}
-        self.shadow_held_until = 0.0
-        self.restart_shadow_server = True
         self.save()

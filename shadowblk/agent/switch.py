@@ -56,10 +56,9 @@ def take_shadow(shadows: Path, primaries: Path, name: str, addresses: list[str])
         base = _record(replication, address)
         DirtyBitmap(state.size, state.block_size).save(Path(f"{base}.lacks"))
         write_json(Path(f"{base}.json"), {"acked": epoch})
-    with contextlib.suppress(FileNotFoundError):  # a copy: the shadow server may hold it
-        shutil.copyfile(shadows / f"{name}.map", state_dir / "checksums.map")
+    with contextlib.suppress(FileNotFoundError):  # the shadow server let go of it
+        os.replace(shadows / f"{name}.map", state_dir / "checksums.map")
     os.replace(shadows / f"{name}.img", primaries / f"{name}.img")
-    (shadows / f"{name}.map").unlink(missing_ok=True)
     for suffix in (".state", ".journal"):
         (shadows / f"{name}{suffix}").unlink(missing_ok=True)
     log.info("%s: shadow at epoch %d is now the primary's image", name, epoch)

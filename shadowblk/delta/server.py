@@ -4,21 +4,32 @@ One asyncio loop; per stream a receiving task checks frames while an applying ta
 them and commits epochs (fsyncs and the apply in a worker thread, so other volumes and the next
 epoch keep streaming). A bad peer gets an ERROR
 frame (or a NACK for a frame whose bytes are damaged) and never touches a volume.
+
+A volume changing role on this server (docs/switchover.md) is handed over alone, through the
+control socket (`serve_control`): `prime` checkpoints it at the next epoch boundary and then
+leaves its commits alone (no idle or periodic checkpoint) until it is released, so the last
+epoch of a switchover waits for no image sync and the release has little left to sync;
+`release` ends its stream at an epoch boundary (checkpointed: state file current, journal
+empty), forgets it and refuses streams for it while held; `adopt` ends the hold and loads the
+volume if its files are here (a demoted primary's copy). The other volumes' streams go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
-from shadowblk.delta.applier import ShadowVolume
+from shadowblk.delta.applier import CHECKPOINT_BYTES, ShadowVolume
 from shadowblk.delta.auth import Session
 from shadowblk.delta.extents import check_range, decode_extent
 from shadowblk.delta.frames import (
@@ -38,7 +49,7 @@ from shadowblk.delta.frames import (
     volume_key,
 )
 from shadowblk.delta.journal import Kind
-from shadowblk.delta.stream import RawFrame, check, encode, read_frame, read_raw
+from shadowblk.delta.stream import FrameReader, RawFrame, check, encode, read_frame
 from shadowblk.delta.volume_state import VOLUME_ID, StateFileError
 
 log = logging.getLogger(__name__)
@@ -52,6 +63,7 @@ GROUP_COMMIT_BYTES = 64 << 20  # staged data above which an epoch commits even i
 INLINE_COMMIT_BYTES = 64 << 10  # epochs this small commit on the loop (a sync flush's latency)
 CHECKPOINT_IDLE = 0.2  # seconds without a frame after which committed epochs are checkpointed
 STAGED_EVERY = 4 << 20  # confirm staged frames this often, so the sender can forget them
+CONTROL_LINE = 4096  # the longest control command
 _KINDS = {FrameType.EXTENT: Kind.DATA, FrameType.ZERO: Kind.ZERO, FrameType.TRIM: Kind.TRIM}
 
 
@@ -64,6 +76,7 @@ class ShadowServer:
         key: bytes | None,
         tls: ssl.SSLContext | None,
         devices: dict[str, Path] | None = None,
+        held: dict[str, float] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.devices = devices or {}  # volume id -> the operator's device for its image
@@ -72,6 +85,10 @@ class ShadowServer:
         self.volumes: dict[str, ShadowVolume] = {}
         self.streams: dict[str, asyncio.Task] = {}
         self.broken: dict[str, str] = {}  # volumes whose state cannot be trusted: hands off
+        now = time.monotonic()  # volume -> monotonic end of its hold: no stream feeds it
+        self.held = {vid: now + seconds for vid, seconds in (held or {}).items()}
+        self.quiet: dict[str, float] = {}  # volume -> monotonic end: a promotion is near
+        self.checkpoint_asked: set[str] = set()  # checkpointed at their next epoch boundary
         data_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(data_dir.glob("*.state")):
             try:
@@ -97,6 +114,113 @@ class ShadowServer:
             writer.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
+
+    def holds(self, vid: str) -> bool:
+        """VID is changing role on this server: no stream may feed it (nor create it)."""
+        return time.monotonic() < self.held.get(vid, 0.0)
+
+    def prime(self, vid: str, seconds: float) -> dict[str, Any]:
+        """VID is about to be promoted: checkpoint it at its next epoch boundary (writes still
+        flow), then no idle or periodic checkpoint for SECONDS (or until it is released), so
+        that the switchover's last epoch commits without waiting for an image sync."""
+        self.quiet[vid] = time.monotonic() + seconds
+        self.checkpoint_asked.add(vid)
+        volume = self.volumes.get(vid)
+        return {"epoch": None if volume is None else volume.applied}
+
+    def checkpoint_wanted(self, vid: str, volume: ShadowVolume, due: bool) -> bool:
+        """Checkpoint VOLUME now? DUE: by its own rule (idle, age or size)."""
+        if vid in self.checkpoint_asked:
+            return volume.needs_checkpoint()
+        quiet = time.monotonic() < self.quiet.get(vid, 0.0)
+        return due and (not quiet or volume.journal.committed_end >= CHECKPOINT_BYTES)
+
+    def checkpointed(self, vid: str) -> None:
+        self.checkpoint_asked.discard(vid)
+
+    async def release(self, vid: str, seconds: float) -> dict[str, Any]:
+        """Hold VID for SECONDS and let go of its files: its stream ends at an epoch boundary
+        and checkpoints (the state file says the last applied epoch, the journal is empty);
+        the volume is forgotten. Its last applied epoch, if it was hosted here."""
+        self.held[vid] = time.monotonic() + seconds
+        self.quiet.pop(vid, None)
+        self.checkpoint_asked.discard(vid)
+        task = self.streams.get(vid)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        volume = self.volumes.pop(vid, None)
+        if volume is None:
+            return {"epoch": None}
+        cmap, volume.checksums.map = volume.checksums.map, None
+        if cmap is not None:  # flushed by the checkpoint: the files are the promoter's now
+            await asyncio.to_thread(cmap.close)
+        log.info("volume %s handed over at epoch %d (held %.0f s)", vid, volume.applied, seconds)
+        return {"epoch": volume.applied}
+
+    async def adopt(self, vid: str) -> dict[str, Any]:
+        """End VID's hold; load it first if its files are here and it is not served yet (a
+        demoted primary's copy): a stream for it is refused until then."""
+        path = self.data_dir / f"{vid}.state"
+        if vid not in self.volumes and path.exists():
+            try:
+                volume = await asyncio.to_thread(
+                    ShadowVolume.load, self.data_dir, path, self.devices.get(vid)
+                )
+            except StateFileError as exc:
+                log.error("not serving until an operator looks: %s", exc)
+                self.broken[vid] = str(exc)
+            else:
+                self.volumes[vid] = volume
+                self.broken.pop(vid, None)
+                log.info("volume %s adopted at epoch %d", vid, volume.applied)
+        self.held.pop(vid, None)
+        known = self.volumes.get(vid)
+        return {"epoch": None if known is None else known.applied}
+
+    async def serve_control(self, path: Path) -> asyncio.AbstractServer:
+        """Listen on the Unix socket PATH for the agent's one-line JSON commands:
+        {"op": "prime", "volume": V, "seconds": S}, {"op": "release", "volume": V, "seconds": S},
+        {"op": "adopt", "volume": V}, {"op": "status"}; one JSON line answers each."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = await asyncio.start_unix_server(self._control, str(path), limit=CONTROL_LINE)
+        os.chmod(path, 0o600)
+        return listener
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                answer = await self._command(line)
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, ValueError):  # a line too long, a client gone
+            pass
+        finally:
+            writer.close()
+
+    async def _command(self, line: bytes) -> dict[str, Any]:
+        try:
+            cmd = json.loads(line)
+            op = cmd["op"]
+            if op == "status":
+                held = [vid for vid in self.held if self.holds(vid)]
+                return {"ok": True, "volumes": sorted(self.volumes), "held": held}
+            vid = str(cmd["volume"])
+            if not VOLUME_ID.match(vid):
+                raise ValueError(f"bad volume id {vid!r}")
+            if op == "prime":
+                return {"ok": True, **self.prime(vid, float(cmd["seconds"]))}
+            if op == "release":
+                return {"ok": True, **await self.release(vid, float(cmd["seconds"]))}
+            if op == "adopt":
+                return {"ok": True, **await self.adopt(vid)}
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        except (ValueError, KeyError, TypeError) as exc:
+            return {"ok": False, "error": f"bad command: {exc}"}
+        except OSError as exc:
+            return {"ok": False, "error": f"I/O error: {exc}"}
 
     async def close(self) -> None:
         for task in list(self.streams.values()):
@@ -156,6 +280,8 @@ class _Stream:
         vid = hello.volume_id
         known = self.server.volumes.get(vid)
         try:
+            if self.server.holds(vid):  # INTERNAL: the sender tries again later
+                raise FrameError(ErrorCode.INTERNAL, f"volume {vid} is changing role here")
             if vid in self.server.broken:
                 raise FrameError(ErrorCode.INTERNAL, self.server.broken[vid])
             if known is not None:
@@ -170,6 +296,10 @@ class _Stream:
             old.cancel()
             with contextlib.suppress(BaseException):
                 await old
+            if self.server.holds(vid):  # released meanwhile: its files are not ours any more
+                self.session = Session(self.server.key, hello.nonce)
+                await self.refuse(FrameError(ErrorCode.INTERNAL, f"volume {vid} changes role"))
+                return
         self.server.streams[vid] = task
         try:
             await self._welcome(frame, hello)
@@ -264,9 +394,10 @@ class _Stream:
 
     async def _receive(self, queue: asyncio.Queue[tuple[Frame, bytes]]) -> None:
         expected, awaiting, nacks, unconfirmed = 1, False, 0, 0
+        frames = FrameReader.attach(self.reader, self.writer)  # no copy, no task per frame
         while True:
             try:
-                raw = await asyncio.wait_for(read_raw(self.reader), IDLE_TIMEOUT)
+                raw = await frames.read(IDLE_TIMEOUT)
                 if len(raw.payload) >= OFF_LOOP_BYTES:  # hashes and zstd release the GIL
                     got = await asyncio.to_thread(self._take, raw, expected, awaiting)
                 else:
@@ -321,8 +452,7 @@ class _Stream:
                 else:
                     frame, data = queue.get_nowait()
             except TimeoutError:  # a quiet stream: make the image durable, empty the journal
-                if volume.needs_checkpoint():
-                    await _finish(volume.checkpoint)
+                await self._checkpoint(volume.needs_checkpoint())
                 continue
             await self._apply(frame, data)
 
@@ -372,8 +502,17 @@ class _Stream:
                 await _finish(volume.commit, frame.epoch)
             log.debug("%s: epoch %d applied", volume.state.volume_id, frame.epoch)
             await self.send(FrameType.EPOCH_APPLIED, epoch=frame.epoch)
-            if volume.checkpoint_due():
-                await _finish(volume.checkpoint)
+            await self._checkpoint(volume.checkpoint_due())
+
+    async def _checkpoint(self, due: bool) -> None:
+        """Checkpoint if DUE by the volume's rule (unless a promotion is near) or if asked."""
+        volume = self.volume
+        assert volume is not None
+        vid = volume.state.volume_id
+        if self.server.checkpoint_wanted(vid, volume, due):
+            await _finish(volume.checkpoint)
+        if volume.applied <= volume.state.last_applied:  # the image is durable at its epoch
+            self.server.checkpointed(vid)
 
 
 async def _finish(func: Callable[..., None], *args: object) -> None:

@@ -3,11 +3,15 @@
 A `serve` started with `--control-socket PATH` listens on that Unix socket for one-line JSON
 commands from its agent:
 
-    {"op": "go"}                   a `--standby` serve opens its volume and starts serving
+    {"op": "go", "lease": S}       a `--standby` serve opens its volume and starts serving,
+                                   with writes allowed for S seconds (optional: the promotion's
+                                   lease comes with it, not in a second call after the start)
     {"op": "lease", "seconds": S}  writes are allowed for S more seconds (renewed by the agent
                                    after every heartbeat the manager answered)
     {"op": "drain", "timeout": T}  ship everything written so far, wait up to T s for the
-                                   shadows to apply it (writes go on: a switchover's warm-up)
+                                   shadows to apply it (writes go on: a switchover's warm-up);
+                                   again while a round takes long, so that what the fence is
+                                   left with shrinks to what a short round lets be written
     {"op": "fence", "drain": T}    refuse every write from now on, ship the last epoch and wait
                                    up to T s for the shadows to apply it; answers the final epoch
     {"op": "status"}
@@ -42,6 +46,8 @@ from shadowblk.tracking.tracker import WriteTracker
 log = logging.getLogger(__name__)
 
 MAX_LINE = 4096
+DRAIN_ROUNDS = 5  # a drain repeats while a round takes CONVERGED_MS or more, this many at most
+CONVERGED_MS = 50.0  # a round this short leaves the fence about as little to ship
 
 
 class Fence:
@@ -104,8 +110,14 @@ class Fence:
         if self.replication is None:
             return {"drained": True, "epoch": 0}
         rep = self.replication.replicator
-        drained = rep.drain(timeout_s)
-        return {"drained": drained, "epoch": rep.last_cut}
+        deadline, rounds = time.monotonic() + timeout_s, []
+        while True:  # again while a round takes long: what was written meanwhile ships now
+            started = time.monotonic()
+            drained = rep.drain(max(0.0, deadline - started))
+            rounds.append(round((time.monotonic() - started) * 1000, 3))
+            if not drained or rounds[-1] < CONVERGED_MS or len(rounds) >= DRAIN_ROUNDS:
+                break
+        return {"drained": drained, "epoch": rep.last_cut, "rounds_ms": rounds}
 
     def status(self) -> dict[str, Any]:
         left = None if self.lease_until is None else self.lease_until - time.monotonic()
@@ -151,6 +163,8 @@ class ControlSocket:
             cmd = json.loads(line)
             op = cmd["op"]
             if op == "go":
+                if "lease" in cmd:
+                    self.fence.renew(float(cmd["lease"]))
                 self.go.set()
                 return {"ok": True}
             if op == "lease":

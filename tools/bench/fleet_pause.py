@@ -105,14 +105,35 @@ def run(work: Path, switchovers: int) -> None:
     print(f"| the same minus the baseline's max, median / max (ms) | "
           f"{statistics.median(extra):.1f} / {max(extra):.1f} |")  # fmt: skip
     print(f"| baseline max clat (ms) | {base_max:.1f} |")
-    for step in ("gate_ms", "cas_ms", "fence_ms", "promote_ms", "repoint_ms"):
-        values = [r["timings_ms"][step] for r in records]
-        print(f"| {step}, median / max | {statistics.median(values):.1f} / {max(values):.1f} |")
+    for step in ("gate_ms", "cas_ms", "fence_ms", "compare_ms", "promote_ms", "repoint_ms"):
+        _row(step, [r["timings_ms"].get(step, 0.0) for r in records])
+    for step in ("dispatch_ms", "release_ms", "recover_ms", "take_ms", "go_ms", "ready_ms",
+                 "lease_ms"):  # fmt: skip
+        _row(f"promote: {step}", [_promote_steps(r).get(step, 0.0) for r in records])
+    _row("fence: the old primary's serve (fence_serve_ms)",
+         [(r.get("steps_ms") or {}).get("fence_serve_ms") or 0.0 for r in records])  # fmt: skip
+    _row("drain before the pause: rounds", [len((r.get("steps_ms") or {}).get(
+        "drain_rounds_ms") or []) for r in records], "")  # fmt: skip
+    _row("last delta (KiB)", [r.get("delta_bytes", 0) / 1024 for r in records], "")
+    no_compare = [
+        r["pause_seconds"] * 1000 - r["timings_ms"].get("compare_ms", 0.0) for r in records
+    ]
+    _row("manager's pause without compare_ms", no_compare)
     print(f"| emergency: kill -9 -> first completed I/O (s) | {resumed:.2f} |")
     print(f"| emergency: record | {emergency['timings_ms']} |")
+    print(f"| emergency: promotion's steps | {_promote_steps(emergency)} |")
     print(f"| attach: requests / errors / retried / replayed | {router['requests']} / "
           f"{router['errors']} / {router['retries']} / {router['replayed']} |")  # fmt: skip
     print(f"(work dir {work}; cpus {os.cpu_count()}; load {os.getloadavg()[0]:.1f})")
+
+
+def _row(what: str, values: list[float], unit: str = " (ms)") -> None:
+    print(f"| {what}, median / max{unit} | {statistics.median(values):.1f} / {max(values):.1f} |")
+
+
+def _promote_steps(record: dict) -> dict[str, float]:
+    """The target agent's own timings of the promotion (`steps_ms` of the record)."""
+    return (record.get("steps_ms") or {}).get("promote") or {}
 
 
 def _moved(fleet: Fleet) -> bool:
