@@ -94,11 +94,12 @@ cdef enum:
     TYPE_ERROR = 32769
     POLL_MS = 200
     GREEDY_RECV = 262144  # most bytes read ahead of a request whose size is not known yet
-    SEND_EARLY = 1048576
+    SEND_EARLY = 16384
     BATCH_READ = 262144  # a batch stops once its READs ask this much: the next worker takes the rest
     NBD_EIO = 5
-    REGION_COLD = 0  # shadowblk.tracking.tracker: COLD, CARRIED, WRITTEN
+    REGION_COLD = 0  # shadowblk.tracking.tracker: COLD, CARRIED, WRITTEN, PENDING
     REGION_WRITTEN = 2
+    REGION_PENDING = 3  # being logged by another batch: not durable yet
     LOOP_CLOSED = 0
     LOOP_SLOW = 1
     LOOP_STOPPED = 2
@@ -624,42 +625,47 @@ cdef class Worker:
         returns how many of the batch's writes, from the first, may be issued (the rest fail
         with EIO). Writes into regions already in the activity log are marked right here,
         without the GIL, under the tracker's Mutex; otherwise the tracker logs the new regions
-        durably first. With observers, `tracker.ordering` is taken (in the same GIL
-        acquisition as the observers' call) and kept until _unorder()."""
-        cdef int allowed = nwrites
+        durably first. This function holds no Python object: Cython would take the GIL at its
+        exit to release them, on every batch (it did, until 2026-11-28)."""
         cdef bint logged = self._mark_logged(n)
-        cdef Request *r
         self.refused = NBD_EIO
         if logged and not self.conn.observed:
-            return allowed
-        with gil:
-            try:
-                if self.conn.observed:
-                    self.conn.t_order()
-                    self.ordered = 1
-                if not logged:
-                    offsets = []
-                    lengths = []
-                    for i in range(n):
-                        if self.batch[i].cmd == CMD_WRITE:
-                            offsets.append(self.batch[i].offset)
-                            lengths.append(self.batch[i].length)
-                    self.conn.tracker.before_writes(offsets, lengths)
-                if self.conn.observed:
-                    writes = []
-                    for i in range(n):
-                        r = &self.batch[i]
-                        if r.cmd == CMD_WRITE:
-                            writes.append(
-                                (r.offset, PyBytes_FromStringAndSize(self.inbuf + r.data, r.length))
-                            )
-                    allowed, refusal = self.conn.tracker.observe_writes(writes)
-                    if refusal is not None:
-                        self.refused = refusal_errno(refusal)
-            except BaseException as exc:
-                log.exception("write tracking failed; refusing the writes")
-                self.refused = refusal_errno(exc)
-                allowed = 0
+            return nwrites
+        return self._track_python(n, nwrites, logged)
+
+    cdef int _track_python(self, int n, int nwrites, bint logged) noexcept with gil:
+        """_track's part in Python: log new regions (tracker.before_writes) and call the
+        observers. With observers, `tracker.ordering` is taken (in the same GIL acquisition as
+        the observers' call) and kept until _unorder()."""
+        cdef int allowed = nwrites
+        cdef Request *r
+        try:
+            if self.conn.observed:
+                self.conn.t_order()
+                self.ordered = 1
+            if not logged:
+                offsets = []
+                lengths = []
+                for i in range(n):
+                    if self.batch[i].cmd == CMD_WRITE:
+                        offsets.append(self.batch[i].offset)
+                        lengths.append(self.batch[i].length)
+                self.conn.tracker.before_writes(offsets, lengths)
+            if self.conn.observed:
+                writes = []
+                for i in range(n):
+                    r = &self.batch[i]
+                    if r.cmd == CMD_WRITE:
+                        writes.append(
+                            (r.offset, PyBytes_FromStringAndSize(self.inbuf + r.data, r.length))
+                        )
+                allowed, refusal = self.conn.tracker.observe_writes(writes)
+                if refusal is not None:
+                    self.refused = refusal_errno(refusal)
+        except BaseException as exc:
+            log.exception("write tracking failed; refusing the writes")
+            self.refused = refusal_errno(exc)
+            allowed = 0
         return allowed
 
     cdef void _unorder(self) noexcept nogil:
@@ -702,7 +708,7 @@ cdef class Worker:
                     logged = False
                     break
                 for k in range(first, last + 1):
-                    if self.conn.t_hot[k] == REGION_COLD:
+                    if self.conn.t_hot[k] == REGION_COLD or self.conn.t_hot[k] == REGION_PENDING:
                         logged = False
         if logged:
             for i in range(n):

@@ -5,13 +5,25 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import crc32c
 import pytest
 
+from shadowblk.nbd.backend import Backend
+from shadowblk.nbd.client import NBDClient
+from shadowblk.nbd.handshake import Export
+from shadowblk.nbd.server import NBDServer
 from shadowblk.tracking.activity_log import RECORD, log_path, read_regions
-from shadowblk.tracking.tracker import StateError, WriteTracker, recover_dirty
+from shadowblk.tracking.tracker import (
+    CARRIED,
+    PENDING,
+    WRITTEN,
+    StateError,
+    WriteTracker,
+    recover_dirty,
+)
 from tests.procs import SHADOWBLK
 
 MiB = 1 << 20
@@ -57,17 +69,51 @@ def test_checkpoint_carries_only_recently_written_regions(tmp_path: Path) -> Non
     assert list(bitmap.extents()) == [(0, 4096), (8 * MiB, 4 * MiB)]
 
 
+def logged_regions(state: Path) -> set[int]:
+    regions: set[int] = set()
+    for p in state.glob("hot-*.log"):
+        regions |= read_regions(p)
+    return regions
+
+
+def test_sequential_writer_logs_regions_ahead(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    t = WriteTracker(state, SIZE, region_size=4 * MiB)  # 16 regions
+    t.before_writes([20 * MiB], [4096])  # a lone write: its region only
+    assert logged_regions(state) == {5}
+    t.before_writes([MiB], [4 * MiB])  # regions 0 and 1; region 1 follows 0 in the same batch
+    assert logged_regions(state) == set(range(9))  # 1 and the 7 after it
+    assert t.hot[1] == WRITTEN and t.hot[2] == CARRIED and t.hot[5] == WRITTEN
+    t.before_writes([33 * MiB], [4096])  # region 8: logged ahead already, no new record
+    assert t.hot[8] == WRITTEN and logged_regions(state) == set(range(9))
+    t.before_writes([36 * MiB], [4096])  # region 9, right after 8: 9 and the rest (to 15)
+    assert logged_regions(state) == set(range(16))
+    crash(t)
+    bitmap, _ = recover_dirty(state)  # a crash over-reports the regions logged ahead
+    assert list(bitmap.extents()) == [(0, SIZE)]
+
+    state = tmp_path / "state2"
+    t = WriteTracker(state, SIZE, region_size=4 * MiB)
+    t.before_writes([9 * MiB, 13 * MiB], [4096, 4096])  # region 3 right after region 2
+    assert logged_regions(state) == set(range(2, 11))
+    t.checkpoint()  # 2 and 3 were written this interval and are carried; 4..10 retire
+    assert logged_regions(state) == {2, 3}
+    crash(t)
+    bitmap, _ = recover_dirty(state)
+    assert list(bitmap.extents()) == [(8 * MiB, 8 * MiB)]
+
+
 def test_torn_tail_is_ignored_but_damage_inside_makes_all_dirty(tmp_path: Path) -> None:
     state = tmp_path / "state"
     t = WriteTracker(state, SIZE, region_size=4 * MiB)
     t.before_writes([0], [512])
-    t.before_writes([4 * MiB], [512])
+    t.before_writes([8 * MiB], [512])  # not adjacent: nothing is logged ahead
     crash(t)
     log = max(state.glob("hot-*.log"))
     data = log.read_bytes()
     log.write_bytes(data + b"\x07" * 5)  # a torn, never-synced append
     bitmap, notes = recover_dirty(state)
-    assert list(bitmap.extents()) == [(0, 8 * MiB)] and not notes
+    assert list(bitmap.extents()) == [(0, 4 * MiB), (8 * MiB, 4 * MiB)] and not notes
     log.write_bytes(b"\xff" * RECORD.size + data)  # damage before good records
     bitmap, notes = recover_dirty(state)
     assert list(bitmap.extents()) == [(0, SIZE)] and "damaged" in notes[0]
@@ -119,3 +165,66 @@ def test_dirty_command(tmp_path: Path) -> None:
         [*SHADOWBLK, "dirty", "--state-dir", str(tmp_path)], capture_output=True, text=True
     )
     assert bad.returncode == 1 and "not a shadowblk tracking state folder" in bad.stderr
+
+
+class HeldLog:
+    """Stands in for the tracker's activity log: record() waits for `go`, so a test can see
+    which writes wait for a region's record and which go on meanwhile."""
+
+    def __init__(self, tracker: WriteTracker) -> None:
+        self.inner = tracker._log
+        tracker._log = self  # type: ignore[assignment]
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.recorded: list[list[int]] = []
+
+    def record(self, regions: list[int]) -> None:
+        self.entered.set()
+        assert self.go.wait(30)
+        self.inner.record(regions)
+        self.recorded.append(list(regions))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_writes_wait_for_their_region_s_record_only(tmp_path: Path, native: bool) -> None:
+    image = tmp_path / "vol.img"
+    image.write_bytes(bytes(SIZE))
+    backend = Backend.open(image, None, False)
+    tracker = WriteTracker(tmp_path / "state", SIZE, region_size=4 * MiB, save_interval=3600)
+    server = NBDServer(Export("vol", backend), "127.0.0.1", 0, tracker=tracker, native=native)
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+
+    def write(offset: int) -> threading.Thread:
+        def run() -> None:
+            with NBDClient("127.0.0.1", server.port, "vol") as client:
+                client.pwrite(b"\x5a" * 4096, offset)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    try:
+        write(0).join(30)  # region 0 logged the ordinary way
+        held = HeldLog(tracker)
+        first = write(40 * MiB)  # region 10: its record is held
+        assert held.entered.wait(30)
+        logged = write(4096)  # region 0 is logged: not held up by region 10's record
+        logged.join(30)
+        assert not logged.is_alive()
+        second = write(40 * MiB + 8192)  # region 10 again: must wait for that record
+        second.join(0.5)
+        assert second.is_alive() and first.is_alive() and tracker.hot[10] == PENDING
+        held.go.set()
+        first.join(30)
+        second.join(30)
+        assert not first.is_alive() and not second.is_alive()
+        assert held.recorded == [[10]]  # one record; the second write found it done
+        assert tracker.hot[10] == WRITTEN
+    finally:
+        server.stop()
+        serving.join(30)
+    assert (40 * MiB, 4096) in list(recover_dirty(tmp_path / "state")[0].extents())

@@ -2,7 +2,7 @@
 and `qemu-nbd`, all on the same pre-filled file in the page cache, interleaved in one run.
 
     python -m tools.bench.nbd_fio [--runtime 10] [--rounds 1] [--size 1G] [--dir DIR]
-        [--servers shadowblk,nbdkit,...] [--workloads 0,3] [--requests N]
+        [--servers shadowblk,nbdkit,...] [--workloads 0,3] [--requests N] [--baseline DIR]
 
 Every server runs buffered through the page cache (nbdkit cache=default, qemu-nbd
 --cache=writeback --aio=threads), so the comparison is between the servers, not cache modes.
@@ -13,6 +13,10 @@ Each case also reads the server process's CPU time (user + system, all its threa
 1 MiB ones, fewer if the file ends first) instead of running for a time, and a second table
 reports the server's CPU time per request: the figure a busy shared machine moves least (it does
 not count the time a server waits for a CPU), so the one that can show a cost of a few per cent.
+
+`--baseline DIR` adds the servers `baseline` and `baseline-notrack`: `shadowblk serve` run from
+DIR, a copy of an older tree's `shadowblk/` package (with its built `_native` modules), so a
+change is measured against the code before it in the same interleaved run.
 """
 
 from __future__ import annotations
@@ -57,11 +61,18 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def start_server(kind: str, image: Path, port: int, state: Path) -> subprocess.Popen:
-    if kind.startswith("shadowblk"):
+def start_server(
+    kind: str, image: Path, port: int, state: Path, baseline: Path | None = None
+) -> subprocess.Popen:
+    cwd = ROOT
+    if kind.startswith(("shadowblk", "baseline")):
+        if kind.startswith("baseline"):
+            if baseline is None:
+                raise ValueError(f"server {kind} needs --baseline DIR")
+            cwd = baseline  # `python -m` puts the working folder first on sys.path
         argv = [sys.executable, "-m", "shadowblk.cli", "serve", str(image)]
         argv += ["--listen", f"127.0.0.1:{port}", "--name", "vol"]
-        if kind == "shadowblk":
+        if kind in ("shadowblk", "baseline"):
             shutil.rmtree(state, ignore_errors=True)
             argv += ["--state-dir", str(state)]
     elif kind == "nbdkit":
@@ -72,7 +83,7 @@ def start_server(kind: str, image: Path, port: int, state: Path) -> subprocess.P
         argv += ["--cache=writeback", "--aio=threads", "--shared=8", str(image)]
     proc = subprocess.Popen(
         argv,
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -108,12 +119,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_fio(
-    port: int, rw: str, bs: str, depth: int, size: str, runtime: int, out: Path, requests: int = 0
+    port: int,
+    rw: str,
+    bs: str,
+    depth: int,
+    size: str,
+    runtime: int,
+    out: Path,
+    requests: int = 0,
+    offset: int = 0,
 ) -> Result:
-    """One fio run: for RUNTIME seconds after a 1 s ramp, or exactly REQUESTS requests."""
-    limits = [f"--number_ios={requests}"] if requests else []
+    """One fio run over SIZE from OFFSET: for RUNTIME seconds after a 1 s ramp, or exactly
+    REQUESTS requests."""
+    limits = [f"--number_ios={requests}", f"--offset={offset}"] if requests else []
     if not requests:
-        limits = [f"--runtime={runtime}", "--time_based", "--ramp_time=1"]
+        limits = [f"--runtime={runtime}", "--time_based", "--ramp_time=1", f"--offset={offset}"]
     argv = [
         "fio",
         "--name=bench",
@@ -164,8 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--workloads", default="all", help="comma-separated indexes, or all")
     ap.add_argument("--requests", type=int, default=0, help="fixed requests per case (4 KiB)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a folder holding an older shadowblk/ package: adds baseline, baseline-notrack",
+    )
     args = ap.parse_args(argv or [])
     servers = args.servers.split(",")
+    if args.baseline is not None:
+        if not (args.baseline / "shadowblk" / "cli").is_dir():
+            ap.error(f"--baseline {args.baseline}: no shadowblk/ package there")
+        servers += [s for s in ("baseline", "baseline-notrack") if s not in servers]
     workloads = (
         WORKLOADS
         if args.workloads == "all"
@@ -183,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                 order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
                 for kind in order:
                     port = free_port()
-                    proc = start_server(kind, image, port, state)
+                    proc = start_server(kind, image, port, state, args.baseline)
                     os.sync()  # no server inherits the previous one's dirty pages
                     requests = args.requests // 64 if bs == "1M" else args.requests
                     try:
@@ -213,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results, servers, workloads)
+    report_rounds(results, servers, workloads)
     if args.requests:
         report_cpu(results, servers, workloads)
 
@@ -236,6 +267,25 @@ def report_cpu(results, servers, workloads) -> None:
                 f"median {statistics.median(per):.3f} (" + ", ".join(f"{x:.2f}" for x in per) + ")"
             )
         print(f"| {name} | " + " | ".join(cells) + f" | {ratios} |")
+
+
+def report_rounds(results, servers, workloads) -> None:
+    """Each server's ratio to nbdkit round by round (the same round's cases ran minutes apart
+    at most, so these show the spread the medians hide)."""
+    if "nbdkit" not in servers:
+        return
+    others = [k for k in servers if k != "nbdkit"]
+    print()
+    print("| workload, ratio to nbdkit by round | " + " | ".join(others) + " |")
+    print("|---" * (len(others) + 1) + "|")
+    for name, _, bs, _ in workloads:
+        attr = "mib_s" if bs == "1M" else "iops"
+        base = [getattr(r, attr) for r in results[(name, "nbdkit")]]
+        cells = []
+        for kind in others:
+            per = [getattr(r, attr) / b for r, b in zip(results[(name, kind)], base, strict=True)]
+            cells.append(", ".join(f"{x:.2f}" for x in per))
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def report(results, servers, workloads) -> None:

@@ -18,6 +18,7 @@ BENCHMARKS = [
     "tools.bench.scrub",
     "tools.bench.nbd_fio",
     "tools.bench.shadow_cost",
+    "tools.bench.track_cost",
     "tools.bench.replication",
     "tools.bench.switchover_pause",
     "tools.bench.resync",
