@@ -1,14 +1,15 @@
 """The shadow side of one volume: stage an epoch in the journal, make it durable, apply it.
 
-Commit of an epoch (the critical path of a `sync` flush): COMMIT record + one fdatasync of the
-journal (durable from here: recovery would apply it); the records written to the image (page
-cache, no sync); acknowledged. A *checkpoint*, off that path (when the journal passes
-CHECKPOINT_BYTES or CHECKPOINT_SECONDS, when the stream goes idle or ends), makes the image
-durable: fdatasync of the image, the checksum map flushed, the state file replaced with the
-new `last_applied`, the journal emptied. Recovery at start-up re-applies every committed record
-of a journal whose last COMMIT is newer than the state (idempotent: records are absolute
-writes, replayed in order) and drops any other, so a crash at any instruction leaves the image
-at the state's epoch or at the journal's last committed one, never in between.
+Commit of an epoch (the critical path of a `sync` flush): the staged records and a COMMIT
+record in one synchronous write to the preallocated journal (durable from here: recovery would
+apply it); the records written to the image (page cache, no sync); acknowledged. A
+*checkpoint*, off that path (when the journal passes CHECKPOINT_BYTES or CHECKPOINT_SECONDS,
+when the stream goes idle or ends), makes the image durable: fdatasync of the image, the
+checksum map flushed, the state file replaced with the new `last_applied`, the journal emptied
+(a new round from its start). Recovery at start-up re-applies every committed record of a
+journal whose last COMMIT is newer than the state (idempotent: records are absolute writes,
+replayed in order) and ignores any other, so a crash at any instruction leaves the image at
+the state's epoch or at the journal's last committed one, never in between.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ import time
 from pathlib import Path
 
 from shadowblk.delta.frames import ErrorCode, FrameError, Hello
-from shadowblk.delta.journal import Journal, Kind, Record, last_commit, read_records
-from shadowblk.delta.volume_state import VolumeState
+from shadowblk.delta.journal import (
+    Journal,
+    Kind,
+    Record,
+    last_commit,
+    older_format,
+    read_records,
+)
+from shadowblk.delta.volume_state import StateFileError, VolumeState
 from shadowblk.integrity.applied_map import AppliedMap
 from shadowblk.nbd.backend import Backend, VolumeError
 
@@ -66,8 +74,9 @@ class ShadowVolume:
         state = VolumeState(hello.volume_id, hello.size, hello.block_size, hello.generation, 0)
         volume = cls(data_dir, state, device)
         try:
+            volume.journal.path.unlink(missing_ok=True)  # no state: a leftover is nothing
             if volume.own_image:
-                volume.image_path.unlink(missing_ok=True)  # no state: a leftover is nothing
+                volume.image_path.unlink(missing_ok=True)
             elif not volume.image_path.exists():
                 raise VolumeError(f"{volume.image_path} does not exist")
             Backend.open(volume.image_path, hello.size, read_only=False).close()
@@ -88,6 +97,11 @@ class ShadowVolume:
 
     def recover(self) -> None:
         """Finish the committed epochs a crash left in the journal; drop an incomplete one."""
+        if older_format(self.journal.path):
+            raise StateFileError(
+                f"{self.journal.path}: a journal of an older format; let the version that wrote "
+                "it recover it (start and stop that shadow) before this one"
+            )
         found = last_commit(self.journal.path)
         if found is not None and found[0] > self.state.last_applied:
             epoch, stop = found
@@ -100,10 +114,9 @@ class ShadowVolume:
             finally:
                 backend.close()
             self._record(epoch)
-        elif found is None and self.journal.path.exists():
-            log.warning("%s: dropping an incomplete staged epoch", self.state.volume_id)
         self.applied = self.state.last_applied
-        self.journal.drop()
+        self.journal.reset()
+        self.journal.close()
 
     def check(self, hello: Hello) -> None:
         """Refuse a HELLO this volume can never take (done before it may supersede a stream)."""
@@ -155,7 +168,7 @@ class ShadowVolume:
                 self.journal.begin()  # back to the last COMMIT: the rest is void
                 self._staged_epoch = 0
                 self.checkpoint()
-                self.journal.drop()
+                self.journal.reset()
         except OSError as exc:
             log.error("%s: checkpoint failed, journal kept: %s", self.state.volume_id, exc)
             self._sealed = True

@@ -1,17 +1,33 @@
 """The staging journal of a shadow volume: epochs are made durable here before they touch the
 image, so a crash at any instruction leaves the image recoverable to an epoch boundary.
 
-File: a sequence of records, little-endian: magic "SBJR", kind u8, 3 zero bytes, offset u64,
-length u64, epoch u64, data length u32, crc32c u32 of the preceding 36 bytes and the data; then
-the data. A COMMIT record (the epoch) seals every record before it; it is written and
-fdatasynced once every frame of the epoch is staged: that one fdatasync is the epoch's
-durability point. Several committed epochs follow each other until a checkpoint (image synced,
-state recorded) empties the journal; records after the last COMMIT are an incomplete epoch,
-never applied.
+The file is preallocated once and written in place from its start again after every
+checkpoint (a *round*), with O_DIRECT|O_DSYNC when the file system takes it: a commit is one
+aligned write that is durable when it returns, with no file-size or block-allocation change to
+sync (appending to a file and fdatasyncing it commits file-system metadata every time).
+An epoch too big for the staging buffer goes through the page cache and an fdatasync.
+
+Records, little-endian: magic "SBJ2", kind u8, 3 zero bytes, round u64, seq u64, offset u64,
+length u64, epoch u64, data length u32, crc32c u32 of the preceding 52 bytes and the data,
+*seeded with the previous record's crc* (0 for the first); then the data. A round's records
+start at offset 0 with seq 0, all carry the round's random id, and each seq is the previous
+one plus one. A COMMIT record (the epoch) seals every record before it; its data is zero
+padding to the next ALIGN boundary, and it is written with the records not yet on disk in one
+synchronous write (or a write and an fdatasync): that is the epoch's durability point.
+
+Reading follows the chain from offset 0 and stops at the first record that does not continue
+it: torn or damaged (crc), of an older round or a voided tail (round, seq, or the crc seed:
+a record written after an earlier one was lost was seeded with the lost one's crc). So what a
+crash leaves past the last durable COMMIT, and whatever older rounds left further on in the
+file, is never taken for part of the journal. Records after the last COMMIT of the chain are
+an incomplete epoch, never applied.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -21,10 +37,15 @@ from pathlib import Path
 
 import crc32c
 
-MAGIC = b"SBJR"
-_RECORD = struct.Struct("<4sB3xQQQI")
+MAGIC = b"SBJ2"
+OLD_MAGIC = b"SBJR"  # appended records, before the preallocated journal
+_RECORD = struct.Struct("<4sB3xQQQQQI")
 _CRC = struct.Struct("<I")
 HEAD_SIZE = _RECORD.size + _CRC.size
+ALIGN = 4096  # O_DIRECT's unit: every write starts and ends on it
+PREALLOC = 16 << 20  # the file's size from its creation; it grows by this much when needed
+BUFFER = 4 << 20  # staged records waiting for the next write (a commit or a full buffer)
+MAX_DATA = BUFFER  # a record's data is at most an extent (1 MiB): a longer length is damage
 
 
 class Kind(IntEnum):
@@ -51,103 +72,203 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _open_direct(path: Path) -> int:
+    """PATH for writes that bypass the page cache where the file system allows."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600)
+    except OSError as exc:  # tmpfs and a few others refuse O_DIRECT
+        if exc.errno != errno.EINVAL:
+            raise
+        return os.open(path, flags, 0o600)
+
+
 class Journal:
-    """Appends records at `end`; commit() makes everything up to there durable."""
+    """Stages records in an aligned buffer at `end`; commit() makes them durable.
+
+    An epoch that fits in the buffer reaches the disk in its commit's one direct write (with
+    RWF_DSYNC). A bigger one spills full buffers through the page cache (a synchronous write
+    per 4 MiB would stall the caller) and its commit ends with an fdatasync instead."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = -1
+        self._fd = -1  # direct I/O (where possible)
+        self._spill_fd = -1  # through the page cache
+        self._spilled = False  # buffers of the epoch being staged went through _spill_fd
+        self._allocated = 0
+        self._buf = mmap.mmap(-1, BUFFER)  # page-aligned, as O_DIRECT wants
+        self._buf_at = 0  # file offset of the buffer's first byte (aligned)
+        self._buf_len = 0
         self.end = 0  # where the next record goes
         self.committed_end = 0  # just after the last COMMIT record written by this object
+        self._round = 0
+        self._seq = 0  # of the next record
+        self._crc = 0  # of the last record: the next one's seed
+        self._committed = (0, 0)  # (seq, crc) to continue from after the last COMMIT
 
     def begin(self) -> None:
         """Stage after the committed records: anything staged but not committed is void."""
         if self._fd < 0:
             created = not self.path.exists()
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if created:  # commit() syncs the file, not its name: an acknowledged epoch in a
+            self._fd = _open_direct(self.path)
+            self._spill_fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            if created:  # a commit syncs the file, not its name: an acknowledged epoch in a
                 fsync_dir(self.path.parent)  # journal whose entry was lost would be lost too
-        os.ftruncate(self._fd, self.committed_end)
-        self.end = self.committed_end
+            self._allocated = os.fstat(self._fd).st_size
+            self._reserve(PREALLOC)
+            self._new_round()
+        self.end = self._buf_at = self.committed_end
+        self._buf_len = 0
+        self._seq, self._crc = self._committed
+        self._spilled = False
+
+    def _new_round(self) -> None:
+        self._round = int.from_bytes(os.urandom(8), "little")
+        self.end = self.committed_end = self._buf_at = self._buf_len = 0
+        self._seq = self._crc = 0
+        self._committed = (0, 0)
 
     def append(
         self, kind: Kind, offset: int, length: int, epoch: int, data: bytes | memoryview = b""
     ) -> None:
-        head = _RECORD.pack(MAGIC, int(kind), offset, length, epoch, len(data))
-        crc = crc32c.crc32c(data, value=crc32c.crc32c(head))
-        self.end += _write_all(self._fd, [head + _CRC.pack(crc), data], self.end)
+        head = _RECORD.pack(
+            MAGIC, int(kind), self._round, self._seq, offset, length, epoch, len(data)
+        )
+        crc = crc32c.crc32c(data, value=crc32c.crc32c(head, value=self._crc))
+        self._put(head + _CRC.pack(crc))
+        self._put(data)
+        self._seq += 1
+        self._crc = crc
+        self.end += HEAD_SIZE + len(data)
+
+    def _put(self, data: bytes | memoryview) -> None:
+        end = self._buf_len + len(data)
+        if end <= BUFFER:  # the usual case: it fits
+            self._buf[self._buf_len : end] = data
+            self._buf_len = end
+            return
+        view = memoryview(data).cast("B")
+        while view:
+            if self._buf_len == BUFFER:
+                self._write_out(final=False)
+            n = min(len(view), BUFFER - self._buf_len)
+            self._buf[self._buf_len : self._buf_len + n] = view[:n]
+            self._buf_len += n
+            view = view[n:]
+
+    def _write_out(self, final: bool) -> None:
+        """Write the buffer's aligned part (all of it when FINAL, its end being aligned then)."""
+        size = self._buf_len if final else self._buf_len - self._buf_len % ALIGN
+        if not size:
+            return
+        self._reserve(self._buf_at + size)
+        direct = final and not self._spilled
+        fd = self._fd if direct else self._spill_fd
+        self._spilled = not final
+        done = 0
+        while done < size:
+            view = memoryview(self._buf)[done:size]
+            at = self._buf_at + done
+            done += os.pwritev(fd, [view], at, os.RWF_DSYNC) if direct else os.pwrite(fd, view, at)
+        if final and not direct:
+            os.fdatasync(fd)
+        tail = self._buf_len - size
+        if tail:
+            self._buf.move(0, size, tail)
+        self._buf_at += size
+        self._buf_len = tail
+
+    def _reserve(self, size: int) -> None:
+        """Blocks up to SIZE allocated before writing there: once written, an in-place write
+        changes no metadata that a commit would have to sync. (The first commits into a new
+        allocation sync its size and extents with them: RWF_DSYNC and fdatasync both do.)"""
+        if size <= self._allocated:
+            return
+        size = -(-size // PREALLOC) * PREALLOC
+        os.posix_fallocate(self._fd, 0, size)
+        self._allocated = size
 
     def commit(self, epoch: int) -> None:
         """Seal the staged records durably: after this returns, recovery will apply them."""
-        self.append(Kind.COMMIT, 0, 0, epoch)
-        os.fdatasync(self._fd)  # the records and the file's length: all recovery reads
+        pad = -(self.end + HEAD_SIZE) % ALIGN
+        self.append(Kind.COMMIT, 0, 0, epoch, bytes(pad))
+        self._write_out(final=True)  # durable on return
         self.committed_end = self.end
+        self._committed = (self._seq, self._crc)
 
     def reset(self) -> None:
-        """Empty the journal once what it committed is on the image and in the state file."""
-        os.ftruncate(self._fd, 0)
-        self.end = self.committed_end = 0
+        """Empty the journal once what it committed is on the image and in the state file: a
+        new round from offset 0, whose first block is wiped (not synced: until that reaches
+        the disk, the old round's commits are all at or below the state's epoch)."""
+        if self._fd < 0:
+            if not self.path.exists():
+                return
+            self.begin()
+        self._new_round()
+        self._buf[:ALIGN] = bytes(ALIGN)
+        os.pwrite(self._fd, memoryview(self._buf)[:ALIGN], 0)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-            self._fd = -1
-
-    def drop(self) -> None:
-        """Remove the journal once everything it committed is recorded in the state file."""
-        self.close()
-        self.end = self.committed_end = 0
-        self.path.unlink(missing_ok=True)
-        fsync_dir(self.path.parent)
-
-
-def _write_all(fd: int, pieces: list[bytes | memoryview], at: int) -> int:
-    """Write PIECES in order at AT with pwritev: the record head and its data are never joined."""
-    views = [memoryview(p).cast("B") for p in pieces if len(p)]
-    total = 0
-    while views:
-        done = os.pwritev(fd, views, at + total)
-        total += done
-        while views and done >= len(views[0]):
-            done -= len(views.pop(0))
-        if done:
-            views[0] = views[0][done:]
-    return total
+            os.close(self._spill_fd)
+            self._fd = self._spill_fd = -1
 
 
 def read_records(path: Path, start: int = 0, stop: int | None = None) -> Iterator[Record]:
-    """Every intact record in order from byte START (to STOP), ending at the first torn or
-    damaged one."""
+    """The records of the journal's chain that lie from byte START (to STOP), in order,
+    ending where the chain ends."""
+    for pos, record in _chain(path):
+        if stop is not None and pos >= stop:
+            return
+        if pos >= start:
+            yield record
+
+
+def _chain(path: Path) -> Iterator[tuple[int, Record]]:
+    """(offset, record) of every record continuing the chain from offset 0."""
     with open(path, "rb") as f:
-        f.seek(start)
-        pos = start
-        while stop is None or pos < stop:
+        pos, seq, crc, round_id = 0, 0, 0, None
+        while True:
             head = f.read(HEAD_SIZE)
             if len(head) < HEAD_SIZE:
                 return
-            magic, kind, offset, length, epoch, dlen = _RECORD.unpack_from(head)
-            (crc,) = _CRC.unpack_from(head, _RECORD.size)
-            if magic != MAGIC or kind not in Kind.__members__.values():
+            magic, kind, rid, rseq, offset, length, epoch, dlen = _RECORD.unpack_from(head)
+            (stored,) = _CRC.unpack_from(head, _RECORD.size)
+            if magic != MAGIC or kind not in Kind.__members__.values() or rseq != seq:
+                return
+            if dlen > MAX_DATA:
+                return
+            if round_id is not None and rid != round_id:
                 return
             data = f.read(dlen)
             if len(data) != dlen:
                 return
-            if crc32c.crc32c(data, value=crc32c.crc32c(head[: _RECORD.size])) != crc:
+            crc = crc32c.crc32c(data, value=crc32c.crc32c(head[: _RECORD.size], value=crc))
+            if crc != stored:
                 return
+            yield pos, Record(Kind(kind), offset, length, epoch, data)
             pos += HEAD_SIZE + dlen
-            yield Record(Kind(kind), offset, length, epoch, data)
+            seq, round_id = seq + 1, rid
+
+
+def older_format(path: Path) -> bool:
+    """A journal written by an older version ("SBJR" records, appended): its commits would not
+    be read here, and they may hold acknowledged epochs."""
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        return f.read(4) == OLD_MAGIC
+    return False
 
 
 def last_commit(path: Path) -> tuple[int, int] | None:
-    """(epoch, end offset) of the last intact COMMIT record, or None (missing or uncommitted):
+    """(epoch, end offset) of the chain's last COMMIT record, or None (missing or uncommitted):
     the records before that offset are the journal's committed content."""
     if not path.exists():
         return None
-    found, pos = None, 0
-    for record in read_records(path):
-        pos += HEAD_SIZE + len(record.data)
+    found = None
+    for pos, record in _chain(path):
         if record.kind is Kind.COMMIT:
-            found = (record.epoch, pos)
+            found = (record.epoch, pos + HEAD_SIZE + len(record.data))
     return found
 
 

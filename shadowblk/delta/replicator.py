@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL = 1.0
 AL_CHUNKS = 128  # hot chunks (of 4 MiB) kept in the activity log before idle ones are let go
+CUT_SHARE = 4  # an open epoch holding this share of the lag budget is cut and starts shipping
 
 
 class FencedError(Exception):
@@ -245,6 +246,8 @@ class Replicator:
         for link, hot, show in pending:
             self._save(link, hot, show)
         with self.lock:
+            if self.open.nbytes >= self.max_lag_bytes // CUT_SHARE:
+                self._cut()  # only closed epochs ship: a full budget in one would stall writes
             if self._lag_bytes() <= self.max_lag_bytes:
                 return
             while True:  # back-pressure: ship what is captured, wait for room

@@ -36,7 +36,7 @@ from shadowblk.delta.frames import (
 )
 from shadowblk.delta.primary_state import ShadowRecord, shadow_name
 from shadowblk.delta.sources import full_sync, resync
-from shadowblk.delta.stream import encode, read_frame
+from shadowblk.delta.stream import FrameReader, check, encode, read_frame
 
 if TYPE_CHECKING:
     from shadowblk.delta.replicator import Replicator
@@ -190,6 +190,7 @@ class _Session:
     async def run(self) -> None:
         await self._handshake()
         self.writer.transport.set_write_buffer_limits(high=SEND_BUFFER)
+        self.frames = FrameReader.attach(self.reader, self.writer)
         acks = asyncio.ensure_future(self._acks())
         pump = asyncio.ensure_future(self._pump())
         try:
@@ -273,7 +274,7 @@ class _Session:
                 self.unconfirmed.append((self.seq, wire))
                 self.unconfirmed_bytes += len(wire)
                 self.pos += 1
-                await self._write(wire)
+            await self._write(b"".join(wire for _, wire in made))  # one send for the batch
 
     def _produce(self, budget: int) -> list[tuple[Frame, bytes]]:
         """The next frames, sequenced, and their wire bytes: at least one if there is anything
@@ -365,7 +366,7 @@ class _Session:
 
     async def _acks(self) -> None:
         while True:
-            frame = await asyncio.wait_for(read_frame(self.reader, self.session), ACK_TIMEOUT)
+            frame = check(await self.frames.read(ACK_TIMEOUT), self.session)
             if frame.type is FrameType.EPOCH_APPLIED:
                 seq = self.end_seq.get(frame.epoch)
                 if seq is None:

@@ -98,6 +98,19 @@ def test_extent_checks_every_block() -> None:
         decode_extent(payload, len(data) + 4096, 4096, 1, dctx)
 
 
+def test_a_one_block_extent_is_checked_too() -> None:
+    """The one-block path (a random writer's frames) skips the arrays, not the check."""
+    data = os.urandom(4096)
+    payload = encode_extent(data, 4096, zstandard.ZstdCompressor(level=1))
+    dctx = zstandard.ZstdDecompressor()
+    assert decode_extent(payload, 4096, 4096, 1, dctx) == data
+    for at in (2, len(payload) - 1):  # its crc, then its data (stored: zstd cannot tell)
+        damaged = bytearray(payload)
+        damaged[at] ^= 1
+        with pytest.raises(FrameError, match="block 0"):
+            decode_extent(bytes(damaged), 4096, 4096, 1, dctx)
+
+
 def test_runs_split_zero_blocks_from_data() -> None:
     data = bytes(4096) + os.urandom(8192) + bytes(8192)
     assert list(runs(data, 4096)) == [(0, 4096, True), (4096, 12288, False), (12288, 20480, True)]
