@@ -24,7 +24,13 @@ from urllib.parse import urlsplit
 
 from shadowblk.agent import switch
 from shadowblk.agent.children import SHADOWBLK, Child
-from shadowblk.agent.roles import Prepared, RoleChanges, control_socket, shadow_servers
+from shadowblk.agent.roles import (
+    Prepared,
+    RoleChanges,
+    control_socket,
+    private_dir,
+    shadow_servers,
+)
 from shadowblk.nbd.replication import StatusUnavailable, read_status
 
 log = logging.getLogger(__name__)
@@ -77,6 +83,7 @@ class Hosting(RoleChanges):
         self.primaries_dir, self.shadows_dir = data_dir / "primaries", data_dir / "shadows"
         for d in (self.primaries_dir, self.shadows_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.private_dir = private_dir(data_dir)
         saved = self._load()
         self.orders_since: int = saved.get("orders_since", 0)
         self.volumes: dict[str, dict[str, Any]] = saved.get("volumes", {})
@@ -240,6 +247,8 @@ class Hosting(RoleChanges):
             for child in [*self.children.values(), *self.standby.values(), self.zygote]:
                 child.stop()
             self.shadow_child.stop()
+        if not self.private_dir.is_relative_to(self.data_dir):  # a temporary one
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
     # orders
     def apply(self, order: dict[str, Any]) -> None:

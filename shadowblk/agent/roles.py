@@ -31,7 +31,7 @@ STOP_WAIT_S = 60.0  # a stopping shadow server first finishes the epoch it appli
 PRIME_S = 60.0  # after `prepare`, the shadow server leaves the volume's commits alone this long
 STANDBY_TTL_S = 180.0  # a standby never promoted (its primary's server came back) is stopped
 SHADOW_SERVER = "_server"  # its control socket's name in the shadows' folder (no volume id)
-ZYGOTE = "_zygote"  # the zygote's socket's name in the primaries' folder
+ZYGOTE = "_zygote.ctl"  # the zygote's socket, in the agent's private folder
 
 
 @dataclass
@@ -59,6 +59,18 @@ def control_socket(primaries: Path, name: str) -> Path:
     return Path(tempfile.gettempdir()) / f"shadowblk-{digest}.ctl"
 
 
+def private_dir(data_dir: Path) -> Path:
+    """A folder only this user can enter (0700), for the sockets whose commands run as the
+    agent (the zygote's): DATA_DIR/run, or a fresh one under the temporary folder if a socket
+    path there would not fit sockaddr_un (never a predictable path: Hosting.stop removes it)."""
+    path = data_dir / "run"
+    if len(str(path / ZYGOTE)) > SOCKET_PATH_MAX:
+        return Path(tempfile.mkdtemp(prefix="shadowblk-"))  # 0700, a name nobody could foresee
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)  # made by an older agent, or under another umask
+    return path
+
+
 def shadow_servers(volume: dict[str, Any]) -> list[str]:
     """The shadow servers of a volume document."""
     return [s["server"] for s in volume.get("shadows", [])]
@@ -83,6 +95,7 @@ class RoleChanges:
     lock: threading.RLock
     primaries_dir: Path
     shadows_dir: Path
+    private_dir: Path
     shadow_child: Child
     zygote: Child
     shadow_held_until: float
@@ -102,8 +115,9 @@ class RoleChanges:
 
     @property
     def zygote_socket(self) -> Path:
-        """Where the agent's zygote (shadowblk/agent/zygote.py) waits for its command line."""
-        return control_socket(self.primaries_dir, ZYGOTE)
+        """Where the agent's zygote (shadowblk/agent/zygote.py) waits for its command line:
+        whoever reaches it has a command run as the agent."""
+        return self.private_dir / ZYGOTE
 
     def _start_serve(self, child: Child) -> None:
         """CHILD's `serve`: the zygote if one is ready (its imports done: no process start in
@@ -124,7 +138,9 @@ class RoleChanges:
     def holds_left(self) -> dict[str, float]:
         """Seconds left of each volume's hold (the shadow server refuses streams for it)."""
         now = time.monotonic()
-        return {name: until - now for name, until in self.shadow_holds.items() if until > now}
+        with self.lock:  # changed by the control endpoint's threads
+            holds = list(self.shadow_holds.items())
+        return {name: until - now for name, until in holds if until > now}
 
     def _shadow_call(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
         """CMD to the running shadow server; None if it could not take it (not running)."""
@@ -144,7 +160,8 @@ class RoleChanges:
         """The shadow server lets go of NAME (its stream ends at an epoch boundary, checkpointed)
         and refuses streams for it for SECONDS, while its other volumes keep streaming; if it
         cannot be asked, it is stopped whole for that long."""
-        self.shadow_holds[name] = time.monotonic() + seconds
+        with self.lock:  # read by the loop's tick (the shadow server's argv)
+            self.shadow_holds[name] = time.monotonic() + seconds
         if self._shadow_call({"op": "release", "volume": name, "seconds": seconds}) is not None:
             return
         with self.lock:
@@ -156,10 +173,12 @@ class RoleChanges:
     def _unhold(self, name: str) -> None:
         """End NAME's hold: the shadow server takes streams for it again, after loading the
         copy a demotion left here."""
-        self.shadow_holds.pop(name, None)
-        if self.shadow_held_until > time.monotonic():  # stopped whole: it starts at the next
-            self.shadow_held_until = 0.0  # tick, reading every volume
-        elif self._shadow_call({"op": "adopt", "volume": name}) is None:
+        with self.lock:  # read by the loop's tick (the shadow server's argv)
+            self.shadow_holds.pop(name, None)
+            stopped = self.shadow_held_until > time.monotonic()
+            if stopped:  # stopped whole: it starts at the next tick, reading every volume
+                self.shadow_held_until = 0.0
+        if not stopped and self._shadow_call({"op": "adopt", "volume": name}) is None:
             self.restart_shadow_server = True  # it may have started with the hold: again
 
     def lease_left(self, name: str) -> float:

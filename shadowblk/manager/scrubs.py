@@ -69,23 +69,40 @@ async def forward(
                 raise ApiError(502, f"{agent} refused the scrub: {said}")
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
-            if where["skipped"]:
-                skipped = ", ".join(where["skipped"])
-                warning = f"the shadows on {skipped} are not scrubbed: down or no verify port"
-                await response.write(json.dumps({"warning": warning}).encode() + b"\n")
-            tail = b""  # the last line so far: the report or an error, if the agent finished
             try:
-                async for chunk in reply.content.iter_any():
-                    await response.write(chunk)
-                    tail += chunk
-                    tail = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1 :]
-            except (aiohttp.ClientError, TimeoutError) as err:
-                log.warning("scrub of %s: %s stopped answering: %s", name, agent, err)
+                await _relay(response, reply, name, agent, where["skipped"])
             except ConnectionResetError:  # the caller hung up: leaving stops the agent's scrub
                 log.warning("scrub of %s: the caller hung up", name)
-                return response
-            if not (tail.endswith(b"\n") and tail.startswith((b'{"report"', b'{"error"'))):
-                said = {"error": f"{agent} ended the scrub without a report"}
-                await response.write(json.dumps(said).encode() + b"\n")
-            await response.write_eof()
             return response
+
+
+async def _relay(
+    response: web.StreamResponse,
+    reply: aiohttp.ClientResponse,
+    name: str,
+    agent: str,
+    skipped: list[str],
+) -> None:
+    """The agent's lines on to the caller, and an error line if the agent stops without its
+    report. ConnectionResetError: the caller hung up (aiohttp's ClientConnectionResetError is
+    also a ClientError: told apart here by what raised it, the write to the caller)."""
+    if skipped:
+        warning = f"the shadows on {', '.join(skipped)} are not scrubbed: down or no verify port"
+        await response.write(json.dumps({"warning": warning}).encode() + b"\n")
+    tail = b""  # the last line so far: the report or an error, if the agent finished
+    chunks = reply.content.iter_any()
+    while True:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            break
+        except (aiohttp.ClientError, TimeoutError) as err:
+            log.warning("scrub of %s: %s stopped answering: %s", name, agent, err)
+            break
+        await response.write(chunk)
+        tail += chunk
+        tail = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1 :]
+    if not (tail.endswith(b"\n") and tail.startswith((b'{"report"', b'{"error"'))):
+        said = {"error": f"{agent} ended the scrub without a report"}
+        await response.write(json.dumps(said).encode() + b"\n")
+    await response.write_eof()

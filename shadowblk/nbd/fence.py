@@ -106,18 +106,29 @@ class Fence:
 
     def drain(self, timeout_s: float) -> dict[str, Any]:
         """Cut and wait for the shadows to apply everything, still accepting writes: before a
-        switchover pauses the VM, so that the fence has little left to ship."""
+        switchover pauses the VM, so that the fence has little left to ship. Rounds repeat
+        while they take long, not once the time left is shorter than the last one took; the
+        answer is the last round that drained (a later one cut short does not undo it)."""
         if self.replication is None:
             return {"drained": True, "epoch": 0}
         rep = self.replication.replicator
         deadline, rounds = time.monotonic() + timeout_s, []
+        drained = None  # the epoch of the last round that drained
         while True:  # again while a round takes long: what was written meanwhile ships now
             started = time.monotonic()
-            drained = rep.drain(max(0.0, deadline - started))
-            rounds.append(round((time.monotonic() - started) * 1000, 3))
-            if not drained or rounds[-1] < CONVERGED_MS or len(rounds) >= DRAIN_ROUNDS:
+            ok = rep.drain(max(0.0, deadline - started))
+            ended = time.monotonic()
+            rounds.append(round((ended - started) * 1000, 3))
+            if not ok:
+                break  # a round cut short by the deadline: an earlier one that drained stands
+            drained = rep.last_cut
+            if rounds[-1] < CONVERGED_MS or len(rounds) >= DRAIN_ROUNDS:
                 break
-        return {"drained": drained, "epoch": rep.last_cut, "rounds_ms": rounds}
+            if deadline - ended < ended - started:  # another round would likely run out of time
+                break
+        if drained is None:
+            return {"drained": False, "epoch": rep.last_cut, "rounds_ms": rounds}
+        return {"drained": True, "epoch": drained, "rounds_ms": rounds}
 
     def status(self) -> dict[str, Any]:
         left = None if self.lease_until is None else self.lease_until - time.monotonic()

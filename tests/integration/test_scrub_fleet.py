@@ -17,10 +17,10 @@ from contextlib import suppress
 from pathlib import Path
 
 from tests.agent_lab import agent_groups_fixture, serving, wait_for  # noqa: F401 - the fixture
+from tests.integrity_lab import BS, flip, read_block
 from tests.procs import SHADOWBLK, Processes
 from tests.switchover_lab import Fleet, MiB, start_fleet
 
-BS = 4096
 PRIMARY_BLOCK, SHADOW_BLOCK = 100, 700  # both in written regions, each its own pattern
 
 
@@ -63,20 +63,6 @@ def scrub_on_a_terminal(fleet: Fleet, *args: str) -> tuple[int, str, bytes]:
     return proc.returncode, out, shown
 
 
-def flip(image: Path, block: int) -> None:
-    fd = os.open(image, os.O_WRONLY)
-    try:
-        os.pwrite(fd, b"\xde\xad\xbe\xef", block * BS + 321)
-    finally:
-        os.close(fd)
-
-
-def block_of(image: Path, block: int) -> bytes:
-    with image.open("rb") as f:
-        f.seek(block * BS)
-        return f.read(BS)
-
-
 def sides(doc: dict) -> list[tuple[str, int, bool]]:
     return sorted((d["side"], d["block"], d["repaired"]) for d in doc["discrepancies"])
 
@@ -95,7 +81,7 @@ def test_scrub_a_volume_of_the_fleet(
     shadow_image = fleet.dirs["s2"] / "shadows" / "v1.img"
     wanted = {PRIMARY_BLOCK: b"\x5a" * BS, SHADOW_BLOCK: b"\xa5" * BS}
     for block, data in wanted.items():
-        wait_for(lambda b=block, d=data: block_of(shadow_image, b) == d, 30, "shipped")
+        wait_for(lambda b=block, d=data: read_block(shadow_image, b) == d, 30, "shipped")
 
     # a clean fleet: every volume scrubbed, exit 0
     code, doc = scrub_json(fleet, "--all")
@@ -110,7 +96,7 @@ def test_scrub_a_volume_of_the_fleet(
     assert code == 1, doc
     assert sides(doc) == [("primary", PRIMARY_BLOCK, True)]
     assert doc["discrepancies"][0]["server"] == "s1"
-    assert block_of(primary_image, PRIMARY_BLOCK) == wanted[PRIMARY_BLOCK]
+    assert read_block(primary_image, PRIMARY_BLOCK) == wanted[PRIMARY_BLOCK]
     qemu_io(url, f"read -P 0x5a {PRIMARY_BLOCK * BS} {8 * BS}")  # read back through NBD
     records = (fleet.dirs["s1"] / "primaries" / "v1.state" / "discrepancies.jsonl").read_text()
     assert json.loads(records.splitlines()[-1])["side"] == "primary"
@@ -121,7 +107,7 @@ def test_scrub_a_volume_of_the_fleet(
     assert code == 1, doc
     assert sides(doc) == [("shadow", SHADOW_BLOCK, True)]
     assert doc["discrepancies"][0]["shadow"] == verify
-    wait_for(lambda: block_of(shadow_image, SHADOW_BLOCK) == wanted[SHADOW_BLOCK], 30,
+    wait_for(lambda: read_block(shadow_image, SHADOW_BLOCK) == wanted[SHADOW_BLOCK], 30,
              "the shadow's block shipped again")  # fmt: skip
     qemu_io(url, f"read -P 0xa5 {SHADOW_BLOCK * BS} {8 * BS}")
 
@@ -134,7 +120,7 @@ def test_scrub_a_volume_of_the_fleet(
     assert b"scrub v1" in shown and b"100%" in shown, shown
     code, _, _ = scrub(fleet, "--all", "--repair")
     assert code == 1
-    assert block_of(primary_image, PRIMARY_BLOCK) == wanted[PRIMARY_BLOCK]
+    assert read_block(primary_image, PRIMARY_BLOCK) == wanted[PRIMARY_BLOCK]
 
     # clear errors: an unknown volume, a wrong token, the primary's agent gone
     code, out, err = scrub(fleet, "nosuch")

@@ -6,7 +6,6 @@ socket and at the verify port's READ/SCAN."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from tests.delta_driver import file_hash, make_key, start_shadow
 from tests.integration.test_replication_serve import VOLUME, converged, start_primary
 from tests.integration.test_verify_live import BS, MiB
 from tests.integration.test_verify_network import Pair, nbd, start_pair
+from tests.integrity_lab import flip, read_block
 from tests.procs import SHADOWBLK, Processes
 
 PRIMARY_BLOCK = (40 * MiB) // BS  # in the quiet part, past fio's region
@@ -48,20 +48,6 @@ def fill(pair: Pair, rng: random.Random, start: int, length: int) -> bytes:
         c.pwrite(data, start)
         c.flush()
     return data
-
-
-def flip(image: Path, block: int) -> None:
-    fd = os.open(image, os.O_WRONLY)
-    try:
-        os.pwrite(fd, b"\xde\xad", block * BS + 123)
-    finally:
-        os.close(fd)
-
-
-def read_block(image: Path, block: int) -> bytes:
-    with image.open("rb") as f:
-        f.seek(block * BS)
-        return f.read(BS)
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:

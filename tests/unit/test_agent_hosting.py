@@ -5,6 +5,9 @@ restart. No child is started here (tests/integration/test_agent_*.py run the pro
 from __future__ import annotations
 
 import json
+import os
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +152,33 @@ def test_bad_endpoints(text: str) -> None:
 
 def test_ipv6_endpoint() -> None:
     assert Endpoint.parse("[::1]:0").with_port(5) == "[::1]:5"
+
+
+def test_the_zygote_socket_is_in_a_private_folder(tmp_path: Path) -> None:
+    near = hosting(tmp_path)
+    assert near.zygote_socket.parent == tmp_path / "run"
+    long_dir = tmp_path / ("d" * 120)
+    long_dir.mkdir()
+    far = hosting(long_dir)  # a socket path there would not fit sockaddr_un
+    assert len(str(far.zygote_socket)) <= 100 and not far.private_dir.is_relative_to(long_dir)
+    for h in (near, far):
+        st = h.private_dir.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+        h.stop()
+    assert not far.private_dir.exists() and near.private_dir.exists()
+
+
+def test_holds_change_under_the_lock_the_loop_reads_them_with(tmp_path: Path) -> None:
+    """The control endpoint's threads change the holds the loop's tick iterates (the shadow
+    server's argv): a change waits for the lock, else the tick can fail mid-iteration."""
+    h = hosting(tmp_path)
+    for change, held in ((lambda: h._hand_over("v1", 30), True), (lambda: h._unhold("v1"), False)):
+        with h.lock:
+            before = dict(h.shadow_holds)
+            thread = threading.Thread(target=change)
+            thread.start()
+            thread.join(0.3)
+            assert thread.is_alive() and h.shadow_holds == before  # waits for the lock
+        thread.join(10)
+        assert ("v1" in h.holds_left()) is held
+        assert any(a.startswith("--hold=v1=") for a in h._shadow_argv()) is held

@@ -5,9 +5,7 @@ stored clock kept under another policy or ahead of this manager's is handled."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,28 +15,8 @@ from shadowblk.manager.service import Fleet
 from shadowblk.manager.store import Store, open_store
 from shadowblk.manager.store.model import Volume
 from shadowblk.predict.trigger import TriggerSettings
-from tests.etcd import start_etcd
-from tests.procs import Processes
 
 SUSTAIN = TriggerSettings(threshold=0.5, sustain_seconds=10, min_confidence=0.2)
-
-
-@pytest.fixture(scope="module")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("etcd")
-    group = Processes(tmp)
-    try:
-        _, url = start_etcd(group, tmp / "data")
-        yield url.replace("http://", "etcd://")
-    finally:
-        group.stop_all()
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'meta.db'}"
-    return f"{request.getfixturevalue('etcd_url')}/t{uuid.uuid4().hex[:12]}"
 
 
 class Leader:

@@ -1,9 +1,7 @@
 """One contract, two engines: every test here runs against SQLite and against a real etcd."""
 
 import threading
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,27 +16,6 @@ from shadowblk.manager.store import (
     open_store,
 )
 from shadowblk.manager.store.model import Event, Server, Shadow, ShadowState, Volume
-from tests.etcd import start_etcd
-from tests.procs import Processes
-
-
-@pytest.fixture(scope="module")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One etcd for the module; each test works under its own key prefix."""
-    tmp = tmp_path_factory.mktemp("etcd")
-    group = Processes(tmp)
-    try:
-        _, url = start_etcd(group, tmp / "data")
-        yield url.replace("http://", "etcd://")
-    finally:
-        group.stop_all()
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'meta.db'}"
-    return f"{request.getfixturevalue('etcd_url')}/t{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
