@@ -55,6 +55,7 @@ def start_fleet(
     timeout_s: float = 2.0,
     shadows: int = 1,
     agent_args: Callable[[str], tuple[str, ...]] = lambda name: (),
+    block_size: int = 4096,
 ) -> Fleet:
     """A manager, SERVERS agents s1.. (zones a, b, ...; each with AGENT_ARGS(name) too), volume
     v1 with its primary on s1, its shadows in step."""
@@ -71,7 +72,8 @@ def start_fleet(
             *agent_args(name),
         )  # fmt: skip
     client = lab.client()
-    client.create_volume(name="v1", size_bytes=size, shadows=shadows, primary="s1", mode=mode)
+    client.create_volume(name="v1", size_bytes=size, shadows=shadows, primary="s1", mode=mode,
+                         block_size=block_size)  # fmt: skip
     fleet = Fleet(lab, client, agents, "v1", dirs=dirs)
     wait_for(lambda: serving(client, "s1", "v1"), 30, "v1 served on s1")
     wait_for(fleet.in_step, 60, "v1's shadows in step")

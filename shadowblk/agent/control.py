@@ -11,8 +11,10 @@ heartbeat while the VM's I/O is held, so the manager calls these at once:
     POST /v1/volumes/NAME/promote  {"volume": {...}}   -> endpoint, epoch, steps_ms (NAME held
                                                           by the shadow server until `hold` 0)
     POST /v1/volumes/NAME/demote   {"volume": {...}}   -> "resync" or "full-sync"
-    POST /v1/volumes/NAME/dirty    {"generation": G}   -> the fenced primary's blocks dirtied
-                                                          since its last verify, their map crcs
+    POST /v1/volumes/NAME/dirty    {"generation": G}   -> the primary's blocks dirtied since
+                                                          its last verify, their map crcs ("keep":
+                                                          the map is kept; "since": "seen": only
+                                                          the blocks changed since the kept map)
     POST /v1/volumes/NAME/crcs     {"blocks": B, ...}  -> the shadow's data crcs of B
     POST /v1/volumes/NAME/blocks   {"blocks": [...]}   -> the old primary's data of blocks
     POST /v1/volumes/NAME/repair   {"blocks", "data"}  -> those blocks written on the shadow
@@ -82,7 +84,11 @@ def actions(hosting: Hosting) -> dict[str, Callable[[str, dict[str, Any]], Any]]
         "promote": lambda name, body: hosting.promote(name, _volume(body)),
         "demote": lambda name, body: {"resync": hosting.demote(name, _volume(body))},
         "dirty": lambda name, body: dirty_check.primary_dirty(
-            hosting.data_dir, name, int(body["generation"])
+            hosting.data_dir,
+            name,
+            int(body["generation"]),
+            keep=bool(body.get("keep")),
+            since_seen=body.get("since") == "seen",
         ),
         "crcs": lambda name, body: dirty_check.shadow_crcs(hosting.data_dir, name, body),
         "blocks": lambda name, body: dirty_check.read_blocks(

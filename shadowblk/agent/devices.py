@@ -5,8 +5,11 @@ the manager is asked for an emergency switchover of that volume at once
 Two sources report devices, whichever comes first: the agent's pyudev watcher (udev_watch.py)
 and the udev rule's RUN, which hands a removed device to the agent's control endpoint
 (`shadowblk notify-device`, POST /v1/devices). A volume is reported once per loss (a new "add"
-of its device re-arms it). The report runs on its own thread and is retried every RETRY_S
-while no manager answers, so neither udev nor the agent's loop waits for the switchover.
+of its device re-arms it). The reports run on their own thread, so neither udev nor the agent's
+loop waits for the switchover. A report is retried every RETRY_S while no manager (or no
+leader) answers; one the manager refused, or whose switchover failed, is retried with a
+backoff doubling up to MAX_RETRY_S, one volume not holding up another, until a switchover
+succeeds, the manager names another primary, or the device comes back.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +27,7 @@ from shadowblk.manager.client import Client, ManagerError
 log = logging.getLogger(__name__)
 
 RETRY_S = 1.0
+MAX_RETRY_S = 30.0
 EMERGENCY_TIMEOUT_S = 120.0  # the manager answers once the switchover is done (or failed)
 
 
@@ -61,25 +66,63 @@ class DeviceWatch:
         return True
 
     def _run(self) -> None:
-        while (item := self._reports.get()) is not None:
-            self._report(*item)
-
-    def _report(self, volume: str, reason: str) -> None:
-        body = {"server": self.server, "reason": reason}
-        while not self._stopping.is_set():
+        pending: dict[str, tuple[str, float, float]] = {}  # volume -> (reason, due, backoff)
+        while True:
+            due = min((when for _, when, _ in pending.values()), default=None)
             try:
-                record = self.client.call("POST", f"/v1/volumes/{volume}/emergency", body)
-            except ManagerError as err:
-                if err.status in (0, 503) or err.status >= 500:  # no manager, or no leader yet
-                    log.warning("emergency switchover of %s: %s: retrying", volume, err)
-                    self._stopping.wait(RETRY_S)
-                    continue
-                log.error("emergency switchover of %s refused: %s", volume, err)
-                self.refused[volume] = str(err)
+                wait = None if due is None else max(due - time.monotonic(), 0.0)
+                item = self._reports.get(timeout=wait)
+            except queue.Empty:
+                item = ()
+            if item is None or self._stopping.is_set():
                 return
-            log.warning("emergency switchover of %s: %s", volume, record.get("outcome"))
-            self.records.append(record)
-            return
+            if item:
+                pending[item[0]] = (item[1], time.monotonic(), RETRY_S)
+            for volume, (reason, when, backoff) in list(pending.items()):
+                if when > time.monotonic():
+                    continue
+                try:
+                    outcome = self._report(volume, reason)
+                except Exception:  # a bug must not end the reports of every later loss
+                    log.exception("emergency switchover of %s: the report failed", volume)
+                    outcome = "failed"
+                if outcome == "done":
+                    del pending[volume]
+                    continue
+                delay = RETRY_S if outcome == "unreachable" else backoff
+                log.warning("emergency switchover of %s: retrying in %.1f s", volume, delay)
+                pending[volume] = (reason, time.monotonic() + delay, min(backoff * 2, MAX_RETRY_S))
+
+    def _report(self, volume: str, reason: str) -> str:
+        """One report of VOLUME's loss: done (switched over, moved already, or the device is
+        back), unreachable (no manager or no leader: try again soon) or failed (back off)."""
+        with self._lock:
+            if volume not in self.lost:
+                return "done"  # the device came back
+        body = {"server": self.server, "reason": reason}
+        try:
+            record = self.client.call("POST", f"/v1/volumes/{volume}/emergency", body)
+        except ManagerError as err:
+            if err.status == 0 or err.status >= 500:  # no manager, or no leader yet
+                log.warning("emergency switchover of %s: %s", volume, err)
+                return "unreachable"
+            log.error("emergency switchover of %s refused: %s", volume, err)
+            self.refused[volume] = str(err)
+            return "done" if err.status == 409 and self._moved(volume) else "failed"
+        self.records.append(record)
+        if record.get("outcome") == "succeeded":
+            log.warning("emergency switchover of %s: succeeded", volume)
+            self.refused.pop(volume, None)
+            return "done"
+        log.error("emergency switchover of %s failed: %s", volume, record.get("error"))
+        return "failed"
+
+    def _moved(self, volume: str) -> bool:
+        """The manager names another primary of VOLUME (or has none): nothing to report."""
+        try:
+            return self.client.volume(volume).get("primary") != self.server
+        except ManagerError as err:
+            return err.status == 404
 
     def stop(self) -> None:
         self._stopping.set()

@@ -9,11 +9,12 @@ A primary with no such map of its current generation (created here, or promoted 
 emergency, without a compare) compares every block written since the volume was created: the
 blocks whose entry is not the all-zero block's.
 
-The old primary answers its map's crcs of those blocks (its `serve` is fenced: they no longer
-change); the shadow answers the crcs of its image's data for the same blocks (its map is not
-enough: a block that rotted on its disk, or an apply that never reached it, still has the right
-entry). Bitmaps and crcs travel as base64 (zlib-compressed bitmap: a few bytes for a quiet
-volume).
+The old primary answers its map's crcs of those blocks twice: before the VM's pause (still
+serving; the map it answered is kept, DATA_DIR/verified/VOLUME.seen.npy) and in the pause
+(fenced: they no longer change), then only for the blocks changed since the kept map; the
+shadow answers the crcs of its image's data for the same blocks (its map is not enough: a
+block that rotted on its disk, or an apply that never reached it, still has the right entry).
+Bitmaps and crcs travel as base64 (zlib-compressed bitmap: a few bytes for a quiet volume).
 """
 
 from __future__ import annotations
@@ -74,25 +75,48 @@ def _live(path: Path) -> LiveMap:
         raise CheckError(f"no checksum map to compare: {err}") from None
 
 
-def primary_dirty(data_dir: Path, name: str, generation: int) -> dict[str, Any]:
-    """The fenced primary NAME's dirty blocks since its last verify and their map crcs."""
+def _seen(data_dir: Path, name: str) -> Path:
+    return data_dir / "verified" / f"{name}.seen.npy"
+
+
+def primary_dirty(
+    data_dir: Path, name: str, generation: int, keep: bool = False, since_seen: bool = False
+) -> dict[str, Any]:
+    """The primary NAME's dirty blocks since its last verify and their map crcs. KEEP: the map
+    as answered is kept (the compare before the pause, writes still flowing); SINCE_SEEN: only
+    the blocks whose entry changed since that kept map (the compare in the pause, fenced)."""
     live = _live(data_dir / "primaries" / f"{name}.state" / "checksums.map")
-    base = None
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        saved = np.load(_baseline(data_dir, name))
-        if int(saved["generation"]) == generation and len(saved["crcs"]) == live.blocks:
-            base = saved["crcs"]
-    scope = "since-verify"
-    if base is None:
-        scope, base = "since-created", np.full(live.blocks, zero_block_crc(live.block_size))
-    dirty = np.flatnonzero(live.crcs != base)
+    crcs = live.crcs  # read once (a copy): the entries still change while the primary serves
+    if since_seen:
+        try:
+            base = np.load(_seen(data_dir, name))
+        except (OSError, ValueError) as err:
+            raise CheckError(f"no map kept by an earlier compare: {err}") from None
+        if len(base) != live.blocks:
+            raise CheckError(f"the kept map has {len(base)} entries, the volume {live.blocks}")
+        scope = "since-seen"
+    else:
+        base = None
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            saved = np.load(_baseline(data_dir, name))
+            if int(saved["generation"]) == generation and len(saved["crcs"]) == live.blocks:
+                base = saved["crcs"]
+        scope = "since-verify"
+        if base is None:
+            scope, base = "since-created", np.full(live.blocks, zero_block_crc(live.block_size))
+    if keep:
+        path = _seen(data_dir, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path.with_suffix(".tmp.npy"), crcs)
+        os.replace(path.with_suffix(".tmp.npy"), path)
+    dirty = np.flatnonzero(crcs != base)
     return {
         "scope": scope,
         "block_size": live.block_size,
         "total": live.blocks,
         "count": len(dirty),
         "blocks": pack_blocks(dirty, live.blocks),
-        "crcs": pack(live.crcs[dirty]),
+        "crcs": pack(crcs[dirty]),
     }
 
 

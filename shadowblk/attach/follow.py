@@ -117,6 +117,8 @@ class Follower:
             now = (target.upstream_uri, target.generation)
             if (uri, generation) == now and target.upstream_alive:
                 continue  # unchanged; the same endpoint after a loss is a reconnect (restart)
+            if generation < target.generation:
+                continue  # a switchover pushed a newer primary than this (lagging) answer names
             try:
                 result = await target.repoint(uri, generation)
                 log.info("followed the manager to %s generation %d: %s", uri, generation, result)

@@ -12,6 +12,12 @@ fails; a silent host would otherwise hold it, and any suspend, for ever). When t
 under the device ends by itself, the device is suspended at once, so that new I/O waits in
 device-mapper instead of failing on the dead /dev/nbdX, and ON_LOST is called (the follower
 asks the manager at once); the next repoint resumes it, or HOLD_TIME s do (then I/O fails).
+
+A repoint connects outside the lock that orders the table swaps, so that a reconnect to an
+endpoint that does not answer (the follower's, after a loss) holds no other repoint: the
+manager's, at a higher generation, swaps the table meanwhile, and the reconnect, once
+connected, is refused as older. A reconnect (the endpoint under the device now) gets
+RECONNECT_TIMEOUT_S to connect and shake hands: a server that is back answers at once.
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ from shadowblk.attach.upstream import Target as Export
 from shadowblk.attach.upstream import UpstreamError
 from shadowblk.kernel.dm import MAPPER, DeviceMapper, DMError, Target
 from shadowblk.kernel.nbd import TIMEOUT_S, KernelNBD
+from shadowblk.nbd.client import NBDError
 
 log = logging.getLogger(__name__)
 
 SECTOR = 512
+CONNECT_TIMEOUT_S = 30.0  # to a new primary, maybe just promoted on a loaded host
+RECONNECT_TIMEOUT_S = 2.0  # to the endpoint that just dropped: back now, or not worth waiting
 
 
 @dataclass
@@ -65,10 +74,15 @@ class KernelAttach:
         nbd_timeout: int = TIMEOUT_S,
         hold_time: float = 30.0,
         on_lost: Callable[[], None] | None = None,
+        dm: DeviceMapper | None = None,
+        device: Callable[..., KernelNBD] = KernelNBD,
     ) -> None:
+        """DM and DEVICE (how a connection is made, KernelNBD's signature) are there for the
+        tests of the ordering on a host without the kernel's device-mapper and NBD client."""
         self.name, self.nbd_timeout, self.hold_time = name, nbd_timeout, hold_time
         self.on_lost = on_lost
-        self.dm = DeviceMapper()
+        self.dm = dm if dm is not None else DeviceMapper()
+        self._device = device
         self.nbd: KernelNBD | None = None
         self.uri = ""
         self.generation = -1
@@ -103,9 +117,13 @@ class KernelAttach:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._ended, nbd)
 
+        again = self.nbd is not None and str(export) == self.uri
+        connect_s = RECONNECT_TIMEOUT_S if again else CONNECT_TIMEOUT_S
         try:
-            nbd = KernelNBD(export.host, export.port, export.name, self.nbd_timeout, ended)
-        except OSError as exc:
+            nbd = self._device(
+                export.host, export.port, export.name, self.nbd_timeout, ended, connect_s
+            )
+        except (OSError, NBDError) as exc:
             raise Refused(502, f"{export}: {exc}") from None
         return nbd, str(export)
 
@@ -143,31 +161,41 @@ class KernelAttach:
 
     async def repoint(self, uri: str, generation: int, replay: bool = False) -> Switch:
         """Swap the device over to URI's export. REPLAY (resend the writes since the last
-        FLUSH, as the router can) is refused: the kernel's NBD client keeps none."""
-        async with self._lock:
-            if replay:
-                raise Refused(409, "the kernel NBD client keeps no unflushed writes to replay")
-            if generation < self.generation:
-                raise Refused(409, f"generation {generation} is older than {self.generation}")
-            start = time.monotonic()
-            new, uri = await asyncio.to_thread(self._connect, uri)
-            connect_ms = (time.monotonic() - start) * 1000
-            assert self.nbd is not None
-            if new.size != self.nbd.size:
+        FLUSH, as the router can) is refused: the kernel's NBD client keeps none. The
+        connection is made before the lock is taken; a repoint at a higher generation that
+        swapped meanwhile wins (this one is refused as older)."""
+        if replay:
+            raise Refused(409, "the kernel NBD client keeps no unflushed writes to replay")
+        self._not_older(generation)
+        start = time.monotonic()
+        new, uri = await asyncio.to_thread(self._connect, uri)
+        connect_ms = (time.monotonic() - start) * 1000
+        swapped = False
+        try:
+            async with self._lock:
+                self._not_older(generation)
+                assert self.nbd is not None
+                if new.size != self.nbd.size:
+                    raise Refused(409, f"{uri} is {new.size} bytes, the volume {self.nbd.size}")
+                try:
+                    times = await asyncio.to_thread(self._swap, new)
+                except DMError as exc:
+                    raise Refused(502, f"table swap failed: {exc}") from None
+                old, self.nbd, self.uri, self.generation = self.nbd, new, uri, generation
+                swapped = True
+                self.paused = False
+                self._pauses += 1
+                switch = Switch(uri, generation, str(new.device), *times, connect_ms)
+                self.switches.append(switch)
+        finally:
+            if not swapped:
                 await asyncio.to_thread(new.close)
-                raise Refused(409, f"{uri} is {new.size} bytes, the volume {self.nbd.size}")
-            try:
-                times = await asyncio.to_thread(self._swap, new)
-            except DMError as exc:
-                await asyncio.to_thread(new.close)
-                raise Refused(502, f"table swap failed: {exc}") from None
-            old, self.nbd, self.uri, self.generation = self.nbd, new, uri, generation
-            self.paused = False
-            self._pauses += 1
-            await asyncio.to_thread(old.close)
-            switch = Switch(uri, generation, str(new.device), *times, connect_ms)
-            self.switches.append(switch)
-            return switch
+        await asyncio.to_thread(old.close)  # not under the lock: it no longer holds the device
+        return switch
+
+    def _not_older(self, generation: int) -> None:
+        if generation < self.generation:
+            raise Refused(409, f"generation {generation} is older than {self.generation}")
 
     async def pause(self, limit: float) -> float:
         """Suspend the device (the fencing period of a planned switchover): new I/O waits in

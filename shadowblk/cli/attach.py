@@ -55,11 +55,15 @@ from shadowblk.manager.client import Client, ManagerError
 )
 @click.option(
     "--nbd-timeout",
-    default=5,
+    default=30,
     show_default=True,
     type=click.IntRange(1, 3600),
     help="--dm: seconds the kernel NBD client waits for an answer before it drops the "
-    "connection (the request fails); the device then holds I/O until the next repoint.",
+    "connection (the request fails with EIO); the device then holds I/O until the next "
+    "repoint. Shorter: a silently vanished host's in-flight requests fail sooner; longer: a "
+    "slow primary (a sync FLUSH, a dying drive) is not turned into EIO. A closed or reset "
+    "connection (a dead process, a rebooted host) is noticed at once whatever it is "
+    "(docs/attach.md).",
 )
 @click.option(
     "--token-file",

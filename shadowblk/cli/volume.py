@@ -27,6 +27,7 @@ def _show(volume: dict[str, Any]) -> str:
             f"primary     {volume['primary']}",
             f"shadows     {_shadows(volume)} (wanted {volume['shadows_wanted']})",
             f"generation  {volume['generation']}",
+            *([f"BLOCKED     {volume['blocked']}"] if volume.get("blocked") else []),
         ]
     )
 

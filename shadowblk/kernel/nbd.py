@@ -8,6 +8,10 @@ TIMEOUT (NBD_SET_TIMEOUT, seconds) bounds how long a request waits for the serve
 it the kernel gives up on the connection (the socket is shut down, the request fails with EIO,
 NBD_DO_IT returns). The kernel's default, none, lets a request wait for ever on a server whose
 host vanished without a reset, which would hold a device-mapper suspend (a switchover) as long.
+The default, TIMEOUT_S, is long enough for a slow answer (a sync FLUSH waiting for a slow shadow,
+a dying drive's latency spikes) not to become an I/O error: a dead server process or a rebooted
+host closes or resets the connection, which ends it at once whatever the timeout
+(docs/attach.md). CONNECT_TIMEOUT (seconds) bounds the TCP connect and the handshake.
 ON_END is called (from the device's thread) when the connection ends, whatever ended it.
 """
 
@@ -34,7 +38,7 @@ SET_SIZE_BLOCKS, DISCONNECT, SET_TIMEOUT, SET_FLAGS = (
     IO(_NBD, 10),
 )
 BLOCK = 4096
-TIMEOUT_S = 5
+TIMEOUT_S = 30
 SYS_BLOCK = Path("/sys/block")
 
 
@@ -58,9 +62,10 @@ class KernelNBD:
         name: str,
         timeout: int = TIMEOUT_S,
         on_end: Callable[[], None] | None = None,
+        connect_timeout: float = 30.0,
     ) -> None:
         self.on_end = on_end
-        self.client = NBDClient(host, port, name)
+        self.client = NBDClient(host, port, name, timeout=connect_timeout)
         self.size = self.client.size
         self.flags = self.client.flags
         self.client.sock.settimeout(None)  # the kernel reads and writes it from now on

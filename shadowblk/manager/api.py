@@ -39,6 +39,10 @@ async def _body(request: web.Request, schema: str) -> dict[str, Any]:
         data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as err:
         raise ApiError(400, f"the request body is not JSON: {err}") from None
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no store can keep as text
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body is not Unicode text: a lone surrogate") from None
     check(schema, data)
     return data
 
@@ -114,7 +118,7 @@ class Api:
         fence = await self._may_change(request)
         body = await _body(request, "DeviceLost")
         reason = body.get("reason") or "the primary's device is gone"
-        record = await self.manager.switchovers.lost(name, body.get("server"), reason, fence)
+        record = await self.manager.switchovers.lost(name, body["server"], reason, fence)
         return web.json_response(record)
 
     async def scrub(self, request: web.Request) -> web.StreamResponse:

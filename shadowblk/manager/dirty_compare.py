@@ -1,21 +1,30 @@
-"""The checksum compare before a planned promotion (docs/switchover.md): once the old primary
-is fenced and its last epoch applied, the crc32c of the blocks dirtied since the last verify
-(shadowblk/agent/dirty_check.py) are compared between the old primary and the shadow.
+"""The checksum compare before a planned promotion (docs/switchover.md), in two parts.
 
-For a block that differs, the old primary's data is read and its crc set against the old
+Before the pause (the old primary still takes writes, its shadows just drained): the crc32c of
+the blocks dirtied since the last verify (shadowblk/agent/dirty_check.py), the old primary's
+map entries against the shadow's data; the old primary keeps the map it answered. Most of the
+reading happens here, outside the VM's pause, however many blocks were dirtied.
+
+In the pause (the old primary fenced, its last epoch applied): only the blocks whose entry
+changed since that kept map, and those that differed before the pause (a write in flight, or a
+wrong block), at most PAUSE_BYTES of data read in at most PAUSE_S: past that bound the compare
+is `partial` (recorded; the rest is not compared).
+
+For a block that still differs, the old primary's data is read and its crc set against the old
 primary's map entry (the crc of what the VM wrote) and the shadow's data:
 
 - old data = its map entry: the old primary holds the truth; the shadow's block is repaired
   from it (written durably, map entry set) before the promotion, and checked again;
 - old data = the shadow's data: both copies agree, only the old primary's map entry is wrong
   (a `map` discrepancy on the old primary): nothing to repair;
-- all three differ: no copy can be trusted: the promotion is aborted (`Mismatch`), and the
-  volume waits for an operator (its old primary stays fenced).
+- all three differ, or the repair fails for any reason: the promotion is aborted (`Mismatch`),
+  and the volume waits for an operator (its old primary stays fenced).
 
 Every block found wrong is in the record (`checksums`) and, for the shadow's, in the new
 primary's discrepancy log (the failure predictor counts it). A compare that cannot run (no map
 on a side, an agent without the calls) is recorded as `not-compared` and does not stop the
-switchover: it is a check, not a step the promotion needs.
+switchover: it is a check, not a step the promotion needs; but once blocks were found to differ
+before the pause, a compare that cannot finish in the pause aborts.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,51 +42,147 @@ from shadowblk.agent.dirty_check import pack_blocks, unpack, unpack_blocks
 
 log = logging.getLogger(__name__)
 
-MAX_REPAIR_BLOCKS = 1024  # more than this (4 MiB of 4 KiB blocks) is not repaired in the pause
-REPAIR_CHUNK = 32  # blocks per repair call (the control endpoint takes bodies up to 256 KiB)
+MAX_REPAIR_BLOCKS = 1024  # more than this is not repaired in the pause
+REPAIR_BYTES = 128 * 1024  # data per repair call: in base64, well under the agent's 256 KiB body
+CHUNK_BYTES = 64 << 20  # data read per `crcs` call before the pause (each has its own timeout)
+PAUSE_BYTES = 16 << 20  # data read in the pause at most ...
+PAUSE_S = 2.0  # ... and for this long at most (checked between calls)
+PAUSE_CHUNK_BYTES = 2 << 20  # data read per `crcs` call in the pause
 
 Call = Callable[[str, str, str, dict], Awaitable[dict[str, Any]]]
 """The switchover's agent call: (control address, volume, call, body) -> the answer."""
 
+_NONE = np.empty(0, dtype=np.int64)
+
 
 class Mismatch(Exception):
-    """Blocks that differ with no copy to trust: the promotion must not happen."""
+    """Blocks that differ with no copy to trust, or a repair that failed: the promotion must
+    not happen."""
 
     def __init__(self, message: str, checks: dict[str, Any]) -> None:
         super().__init__(message)
         self.checks = checks
 
 
-async def before_promotion(
-    call: Call, plan: dict[str, Any], name: str, before: int, after: int
-) -> dict[str, Any]:
-    """Compare NAME's dirty blocks on plan's old primary (generation BEFORE) and target (whose
-    verified map is kept for generation AFTER); repair the target's; the record's `checksums`."""
+@dataclass
+class Early:
+    """The compare before the pause: its record, and the blocks that differed then."""
+
+    checks: dict[str, Any]
+    suspects: np.ndarray = field(default_factory=lambda: _NONE)
+    expected: np.ndarray = field(default_factory=lambda: _NONE)  # their old-primary crcs then
+
+    @property
+    def compared(self) -> bool:
+        return "scope" in self.checks
+
+
+async def _crcs(
+    call: Call, address: str, name: str, blocks: np.ndarray, total: int, bs: int, chunk: int,
+    deadline: float | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The target's data crcs of BLOCKS (sorted), CHUNK bytes of data per call; stops early
+    (a shorter answer) once past DEADLINE."""
+    per = max(1, chunk // bs)
+    out = [np.empty(0, dtype="<u4")]
+    for start in range(0, len(blocks), per):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        part = blocks[start : start + per]
+        got = await call(address, name, "crcs", {"blocks": pack_blocks(part, total)})
+        out.append(unpack(got["crcs"]))
+    return np.concatenate(out)
+
+
+async def before_pause(call: Call, plan: dict[str, Any], name: str, before: int) -> Early:
+    """Compare NAME's blocks dirtied since the last verify on plan's old primary (generation
+    BEFORE, still serving) and target, before the VM's pause; the old primary keeps its map."""
     started = time.monotonic()
     old, new = plan["from_control"], plan["to_control"]
     try:
-        dirty = await call(old, name, "dirty", {"generation": before})
-        theirs = await call(new, name, "crcs", {"blocks": dirty["blocks"], "generation": after})
+        dirty = await call(old, name, "dirty", {"generation": before, "keep": True})
+        total, bs = int(dirty["total"]), int(dirty["block_size"])
+        blocks = unpack_blocks(dirty["blocks"], total)
+        actual = await _crcs(call, new, name, blocks, total, bs, CHUNK_BYTES)
+        expected = unpack(dirty["crcs"])
+        bad = np.flatnonzero(expected != actual)
     except Exception as err:  # any refusal or failure of the calls: recorded, not fatal
         log.warning("%s: dirty blocks not compared before the promotion: %s", name, err)
-        return {"result": "not-compared", "error": str(err)}
-    blocks = unpack_blocks(dirty["blocks"], int(dirty["total"]))
-    expected, actual = unpack(dirty["crcs"]), unpack(theirs["crcs"])
-    bad = np.flatnonzero(expected != actual)
-    checks: dict[str, Any] = {
+        return Early({"result": "not-compared", "error": str(err)})
+    checks = {
         "scope": dirty["scope"],
         "blocks_compared": len(blocks),
-        "blocks_total": int(dirty["total"]),
-        "block_size": int(dirty["block_size"]),
-        "mismatched": [int(b) for b in blocks[bad]],
-        "result": "match",
+        "blocks_total": total,
+        "block_size": bs,
+        "before_pause": {"differed": len(bad), "ms": _ms(started)},
     }
-    if len(bad):
-        checks["discrepancies"] = await _resolve(
-            call, plan, name, checks, blocks[bad], expected[bad], actual[bad]
+    return Early(checks, blocks[bad], expected[bad])
+
+
+async def in_pause(
+    call: Call, plan: dict[str, Any], name: str, before: int, after: int, early: Early
+) -> dict[str, Any]:
+    """The end of the compare, the old primary fenced: the blocks changed since EARLY and those
+    that differed then; repair the target's (whose verified map is kept for generation AFTER,
+    unless the compare is partial); the record's `checksums`."""
+    started = time.monotonic()
+    checks = dict(early.checks)
+    if not early.compared:
+        return checks
+    old, new = plan["from_control"], plan["to_control"]
+    total, bs = checks["blocks_total"], checks["block_size"]
+    try:
+        changed = await call(old, name, "dirty", {"generation": before, "since": "seen"})
+        moved = unpack_blocks(changed["blocks"], total)
+        expected = dict(zip(early.suspects.tolist(), early.expected.tolist(), strict=True))
+        expected.update(zip(moved.tolist(), unpack(changed["crcs"]).tolist(), strict=True))
+        wanted = list(dict.fromkeys([*early.suspects.tolist(), *moved.tolist()]))  # suspects 1st
+        chosen = np.array(sorted(wanted[: max(1, PAUSE_BYTES // bs)]), dtype=np.int64)
+        actual = await _crcs(
+            call, new, name, chosen, total, bs, PAUSE_CHUNK_BYTES, started + PAUSE_S
         )
-    checks["ms"] = round((time.monotonic() - started) * 1000, 3)
+        compared = chosen[: len(actual)]
+        partial = len(compared) < len(wanted)
+        if not partial:  # the target's map becomes the verified one of its generation
+            keep = {"blocks": pack_blocks(_NONE, total), "generation": after}
+            await call(new, name, "crcs", keep)
+        want = np.array([expected[b] for b in compared.tolist()], dtype="<u4")
+        bad = np.flatnonzero(want != actual)
+    except Exception as err:
+        if not len(early.suspects):  # nothing was seen wrong: a check that could not finish
+            log.warning("%s: dirty blocks not compared in the pause: %s", name, err)
+            return {**checks, "result": "not-compared", "error": str(err)}
+        checks.update(result="not-compared", error=str(err))
+        raise Mismatch(f"{name}: {len(early.suspects)} blocks differed between {plan['from']} "
+                       f"and {plan['to']} before the pause and could not be compared again: "
+                       f"{err}: not promoted", checks) from None  # fmt: skip
+    checks.update(
+        mismatched=[int(b) for b in compared[bad]],
+        result="match",
+        partial=partial,
+        in_pause={"changed": len(moved), "compared": len(compared),
+                  "not_compared": len(wanted) - len(compared)},
+    )  # fmt: skip
+    if partial:
+        log.warning("%s: the compare in the pause stopped at its bound: %d blocks not compared",
+                    name, len(wanted) - len(compared))  # fmt: skip
+    if len(bad):
+        try:
+            checks["discrepancies"] = await _resolve(
+                call, plan, name, checks, compared[bad], want[bad], actual[bad]
+            )
+        except Mismatch:
+            raise
+        except Exception as err:  # a repair half done is no repair: never promoted
+            checks.update(result="repair-failed", error=str(err))
+            raise Mismatch(f"{name}: the repair of {plan['to']}'s wrong blocks failed: {err}: "
+                           "not promoted", checks) from None  # fmt: skip
+    checks["ms"] = _ms(started)
     return checks
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 3)
 
 
 async def _resolve(
@@ -119,8 +225,9 @@ async def _resolve(
                        "the shadow: no copy to trust, not promoted", checks)  # fmt: skip
     data = base64.b64decode(truth["data"])
     bs = checks["block_size"]
-    for start in range(0, len(repair), REPAIR_CHUNK):
-        part = repair[start : start + REPAIR_CHUNK]
+    per = max(1, REPAIR_BYTES // bs)
+    for start in range(0, len(repair), per):
+        part = repair[start : start + per]
         body = {
             "blocks": [int(blocks[i]) for i in part],
             "data": base64.b64encode(b"".join(data[i * bs : (i + 1) * bs] for i in part)).decode(),

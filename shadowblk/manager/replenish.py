@@ -9,6 +9,10 @@ the volume's list (the lost copy is ordered dropped: its server drops it when it
 The primary and the new shadow get `host-volume` orders: the primary's `serve` starts again
 with the new shadow list and ships to it (a full initial sync: the new server has no copy).
 
+A volume blocked by an aborted switchover (its store primary is the copy the checksum compare
+rejected, its old primary a fenced stale shadow) is left alone: ordering its primary would
+promote the rejected copy.
+
 Runs on the leader, from the heartbeat watch, under each volume's switchover lock (never in the
 middle of a switchover of that volume).
 """
@@ -48,8 +52,8 @@ def short(fleet: Fleet, silent_s: float, now: float) -> list[str]:
     found = []
     for volume in fleet.store.list_volumes():
         primary = servers.get(volume.primary)
-        if primary is None or primary.state is ServerState.DOWN:
-            continue  # an emergency switchover comes first
+        if primary is None or primary.state is ServerState.DOWN or volume.blocked:
+            continue  # an emergency switchover comes first; blocked: an operator does
         live = len(volume.shadows) - len(_lost(volume, servers, silent_s, now))
         if live < volume.shadows_wanted:
             found.append(volume.name)
@@ -66,8 +70,8 @@ def replace_lost(
     server_list = store.list_servers()
     servers = {s.name: s for s in server_list}
     primary = servers.get(volume.primary)
-    if primary is None or primary.state is ServerState.DOWN:
-        return None
+    if primary is None or primary.state is ServerState.DOWN or volume.blocked:
+        return None  # blocked: its store primary was never promoted (an aborted switchover)
     lost = _lost(volume, servers, silent_s, now)
     live = [s for s in volume.shadows if s.server not in lost]
     if len(live) >= volume.shadows_wanted:

@@ -75,6 +75,21 @@ def _rejections(decision: Decision) -> str:
     return "; ".join(f"{c.server}: {', '.join(c.reasons)}" for c in decision.candidates)
 
 
+def aborted(record: dict[str, Any]) -> bool:
+    """A switchover record whose checksum compare stopped the promotion (no copy to trust, or
+    a repair that failed): nothing may promote the target, ever, without an operator."""
+    result = (record.get("checksums") or {}).get("result")
+    return record.get("outcome") == "aborted" or result in ("mismatch", "repair-failed")
+
+
+def _unblocked(volume: Volume) -> Volume:
+    """VOLUME, if no aborted switchover blocked it; else Refused (409)."""
+    if volume.blocked:
+        raise Refused(409, f"{volume.name} is blocked ({volume.blocked}): an operator decides "
+                      "which copy to keep; nothing is promoted meanwhile")  # fmt: skip
+    return volume
+
+
 def round_up(size: int, block: int) -> int:
     return -(-size // block) * block
 
@@ -209,7 +224,11 @@ class Fleet:
             for e in self.store.events(body.get("orders_since", 0))
             if e.order_id is not None and e.detail.get("server") == name
         ]
-        leases = {v.name: v.generation for v in self.store.list_volumes() if v.primary == name}
+        leases = {
+            v.name: v.generation
+            for v in self.store.list_volumes()
+            if v.primary == name and not v.blocked  # blocked: its store primary never opened
+        }
         return {
             "server": self.server(name),
             "orders": orders,
@@ -350,7 +369,7 @@ class Fleet:
     # switchovers (the steps between them run in manager/switchover.py, off this thread)
     def plan_switchover(self, name: str, to: str | None) -> dict[str, Any]:
         """Who hands VOLUME over to whom, and how to reach them; Refused if it cannot be now."""
-        volume = self.store.get_volume(name)
+        volume = _unblocked(self.store.get_volume(name))
         servers = {s.name: s for s in self.store.list_servers()}
         old = servers.get(volume.primary)
         if old is None or old.state is ServerState.DOWN or not old.control_address:
@@ -413,8 +432,9 @@ class Fleet:
         return [v.name for v in self.store.list_volumes() if v.primary in down]
 
     def plan_emergency(self, name: str) -> dict[str, Any] | None:
-        """VOLUME's takeover plan if its primary's server is down (Refused: no shadow can)."""
-        volume = self.store.get_volume(name)
+        """VOLUME's takeover plan if its primary's server is down (Refused: no shadow can, or
+        the volume is blocked)."""
+        volume = _unblocked(self.store.get_volume(name))
         servers = {s.name: s for s in self.store.list_servers()}
         old = servers.get(volume.primary)
         if old is None or old.state is not ServerState.DOWN:
@@ -429,12 +449,13 @@ class Fleet:
             "after": switched(volume, target.name)[0].to_dict(),
         }
 
-    def plan_lost(self, name: str, server: str | None) -> dict[str, Any]:
+    def plan_lost(self, name: str, server: str) -> dict[str, Any]:
         """VOLUME's takeover plan when its primary reports the volume's device gone (the agent
         is alive, the volume is not): Refused if SERVER (the reporter) is not its primary any
-        more, or no shadow can be promoted."""
-        volume = self.store.get_volume(name)
-        if server is not None and server != volume.primary:
+        more (a late or repeated report must not move the new primary), no shadow can be
+        promoted, or the volume is blocked."""
+        volume = _unblocked(self.store.get_volume(name))
+        if server != volume.primary:
             raise Refused(409, f"{name}: its primary is {volume.primary}, not {server}: nothing "
                           "to take over")  # fmt: skip
         servers = {s.name: s for s in self.store.list_servers()}
@@ -448,6 +469,17 @@ class Fleet:
             "to_control": target.control_address,
             "after": switched(volume, target.name)[0].to_dict(),
         }
+
+    def drop_lost_copy(self, name: str, server: str) -> None:
+        """Forget SERVER's copy of volume NAME (the old primary, demoted to a stale shadow by
+        the CAS): its device is gone, so it is no shadow. Replenish (manager/replenish.py)
+        places a new one, and no order tells SERVER to host the volume again."""
+        volume = self.store.get_volume(name)
+        if server in volume.shadow_servers() and server != volume.primary:
+            volume.shadows = [s for s in volume.shadows if s.server != server]
+            self.store.put_volume(volume)
+            detail = {"server": server, "reason": "its device is gone"}
+            self.store.append_event(Event("shadow-lost", name, detail))
 
     def take_over(
         self, name: str, target: str, expected: int, silent_since: float
@@ -467,11 +499,28 @@ class Fleet:
         event = Event("switchover-result", volume.name, record)
         event.seq = self.store.append_event(event)
         moved = (volume.primary, volume.generation) == (record["to"], record.get("generation"))
-        if moved and record.get("outcome") != "aborted":  # aborted: no copy to trust
+        if aborted(record):  # no copy to trust: blocked (no order, nothing promotes it)
+            volume.blocked = f"switchover to {record['to']} aborted: {record.get('error', '')}"
+            self.store.put_volume(volume)
+        elif moved and not volume.blocked:
             roles = [(volume.primary, "primary")]
             roles += [(s, "shadow") for s in volume.shadow_servers()]
             self._order("host-volume", volume, event.seq, roles, fence)
         return event.to_dict()
+
+    def unblock(self, name: str, fence: int) -> dict[str, Any]:
+        """The operator's decision after an aborted switchover: the store's primary (the
+        compare's target, at the raised generation) is the volume's copy after all; every
+        server is ordered to its role as the store says."""
+        volume = self.store.get_volume(name)
+        if not volume.blocked:
+            raise Refused(409, f"{name} is not blocked")
+        reason, volume.blocked = volume.blocked, ""
+        self.store.put_volume(volume)
+        seq = self.store.append_event(Event("volume-unblocked", name, {"was": reason}))
+        roles = [(volume.primary, "primary")] + [(s, "shadow") for s in volume.shadow_servers()]
+        self._order("host-volume", volume, seq, roles, fence)
+        return volume.to_dict()
 
     def switchovers(self, volume: str | None, limit: int) -> list[dict[str, Any]]:
         """The latest LIMIT switchover records (of VOLUME), newest last."""

@@ -131,25 +131,18 @@ class Switchovers:
                 await self._agent(plan["to_control"], name, "prepare", {"volume": after})
             except StepFailed as err:  # nothing changed yet
                 raise ApiError(502, f"switchover of {name} not started: {err}") from None
-            try:  # the old primary's shadow server waits for the demoted copy (not in the pause)
+            drained = await self._drain(plan, name)
+            t.mark("prepare_ms")
+            # the bulk of the checksum compare, while writes flow: the pause compares the rest
+            early = await dirty_compare.before_pause(self._agent, plan, name, volume["generation"])
+            try:  # the old primary's shadow server waits for the demoted copy (not in the pause;
+                # after the compare, which may be long, so that the hold outlasts the switchover)
                 await self._agent(plan["from_control"], name, "hold", {"seconds": HOLD_S})
             except StepFailed as err:
                 log.warning("%s: %s: the old primary may need a full sync", name, err)
-            try:  # what is written so far is shipped before the pause: the fence ships the rest
-                drained = await self._agent(
-                    plan["from_control"], name, "drain", {"timeout": DRAIN_S}
-                )
-            except StepFailed as err:
-                drained = {"drained": False, "error": str(err)}
-            if not drained.get("drained"):  # the pause would be as long as the lag: not now
-                await self._release(plan["from_control"], name)
-                raise ApiError(
-                    409,
-                    f"{name}: its shadows did not catch up with the primary within {DRAIN_S:.0f} "
-                    "s: not switching over now (nothing changed; try again later)",
-                    drained,
-                )
-            t.mark("prepare_ms")
+            if early.compared:  # what was written meanwhile ships before the pause too
+                drained = await self._drain(plan, name)
+            t.mark("precompare_ms")
             urls = volume.get("attachments", [])
             paused = await self._each_attach(name, urls, "pause", {"limit_s": PAUSE_LIMIT_S})
             t.mark("gate_ms")
@@ -166,8 +159,8 @@ class Switchovers:
                 fenced = await self._fence(plan["from_control"], name)
                 t.mark("fence_ms")
                 if fenced.get("drained"):  # else the shadow lacks writes: the routers replay
-                    record["checksums"] = await dirty_compare.before_promotion(
-                        self._agent, plan, name, volume["generation"], after["generation"]
+                    record["checksums"] = await dirty_compare.in_pause(
+                        self._agent, plan, name, volume["generation"], after["generation"], early
                     )
                     t.mark("compare_ms")
                 promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
@@ -221,6 +214,23 @@ class Switchovers:
             log.info("switchover of %s to %s: %s", name, plan["to"], record["timings_ms"])
             return record
 
+    async def _drain(self, plan: dict[str, Any], name: str) -> dict[str, Any]:
+        """What is written so far is shipped before the pause (the fence ships the rest); 409
+        (nothing changed, the VM never paused) if the shadows cannot catch up now."""
+        try:
+            drained = await self._agent(plan["from_control"], name, "drain", {"timeout": DRAIN_S})
+        except StepFailed as err:
+            drained = {"drained": False, "error": str(err)}
+        if not drained.get("drained"):  # the pause would be as long as the lag: not now
+            await self._release(plan["from_control"], name)
+            raise ApiError(
+                409,
+                f"{name}: its shadows did not catch up with the primary within {DRAIN_S:.0f} "
+                "s: not switching over now (nothing changed; try again later)",
+                drained,
+            )
+        return drained
+
     async def _release(self, address: str, name: str) -> None:
         """Start the shadow server of ADDRESS's agent again (held during a role change)."""
         try:
@@ -229,16 +239,20 @@ class Switchovers:
             log.warning("%s: a shadow server stays held (for 2 min at most): %s", name, err)
 
     async def _fence(
-        self, address: str, name: str, drain_s: float = FENCE_DRAIN_S
+        self, address: str, name: str, drain_s: float = FENCE_DRAIN_S, cas_at: float | None = None
     ) -> dict[str, Any]:
-        """Fence the old primary; if its agent does not answer, its lease fences it: wait."""
+        """Fence the old primary; if its agent does not answer, its lease fences it: wait. The
+        lease runs out lease_s after the last renewal, and renewals stop at the CAS (CAS_AT,
+        monotonic; None: count from now)."""
         try:
             return await self._agent(address, name, "fence", {"drain": drain_s})
         except StepFailed as err:
-            wait = self.manager.fleet.lease_s + LEASE_MARGIN_S
+            since = time.monotonic() if cas_at is None else cas_at
+            wait = since + self.manager.fleet.lease_s + LEASE_MARGIN_S - time.monotonic()
             log.warning("%s: fence failed (%s): waiting %.1f s for its lease to run out",
-                        name, err, wait)  # fmt: skip
-            await asyncio.sleep(wait)
+                        name, err, max(wait, 0.0))  # fmt: skip
+            if wait > 0:
+                await asyncio.sleep(wait)
             return {"drained": False, "fence": f"lease ran out ({err})"}
 
     async def _prepare(self, address: str, name: str, after: dict[str, Any]) -> None:
@@ -302,6 +316,7 @@ class Switchovers:
                     fleet.take_over, name, plan["to"], volume["generation"], plan["silent_since"]
                 )
                 await prepared  # after the CAS: its time is cas_ms
+                t.mark("cas_ms")
                 await self._promote(name, plan, after, record, t)
             except (StepFailed, ApiError, StoreError) as err:
                 prepared.cancel()
@@ -320,7 +335,6 @@ class Switchovers:
         """The end of an emergency, the generation raised: promote, repoint, release; into
         RECORD."""
         record["generation"] = after["generation"]
-        t.mark("cas_ms")
         promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
         t.mark("promote_ms")
         body = {"uri": promoted["endpoint"], "generation": after["generation"]}
@@ -336,11 +350,15 @@ class Switchovers:
             steps_ms=_inner_steps({}, promoted),
         )
 
-    async def lost(self, name: str, server: str | None, reason: str, fence: int) -> dict[str, Any]:
+    async def lost(self, name: str, server: str, reason: str, fence: int) -> dict[str, Any]:
         """Promote the best shadow of NAME now: its primary's agent (SERVER) reports the
-        volume's device gone (udev), so no heartbeat timeout is waited for. The old primary is
-        fenced through its agent, with a short drain (its device can give nothing more); if the
-        agent does not answer, its lease fences it: the wait is that long (I3)."""
+        volume's device gone (udev), so no heartbeat timeout is waited for. As in a planned
+        switchover, the generation is raised first: the store no longer names SERVER the
+        primary, so its heartbeats stop renewing its lease. Then it is fenced through its
+        agent, with a short drain (its device can give nothing more); if the agent does not
+        answer, its lease fences it: the promotion waits until it ran out, counted from the
+        CAS (I3). Its copy is gone with the device: it is no shadow any more (replenish places
+        a new one)."""
         fleet = self.manager.fleet
         async with self._lock(name):
             plan = await self.manager.run(fleet.plan_lost, name, server)
@@ -349,13 +367,17 @@ class Switchovers:
                 "volume": name, "from": plan["from"], "to": plan["to"], "planned": False,
                 "reason": reason,
             }  # fmt: skip
-            fenced = await self._fence(plan["from_control"], name, LOST_DRAIN_S)
-            record["drained"] = bool(fenced.get("drained"))
-            t.mark("fence_ms")
             try:
                 after = await self.manager.run(
                     fleet.raise_generation, name, plan["to"], plan["volume"]["generation"]
                 )
+                cas_at = time.monotonic()
+                t.mark("cas_ms")
+                await self.manager.run(fleet.drop_lost_copy, name, plan["from"])
+                fenced = await self._fence(plan["from_control"], name, LOST_DRAIN_S, cas_at)
+                record["drained"] = bool(fenced.get("drained"))
+                record["fence"] = fenced.get("fence", "fenced by its agent")
+                t.mark("fence_ms")
                 await self._promote(name, plan, after, record, t)
             except (StepFailed, ApiError, StoreError) as err:
                 log.error("emergency switchover of %s (device lost) failed: %s", name, err)

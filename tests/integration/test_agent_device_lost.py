@@ -13,10 +13,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shadowblk.manager.client import ManagerError
-from tests.agent_lab import agent_groups_fixture, wait_for  # noqa: F401
+from shadowblk.manager.client import Client, ManagerError
+from shadowblk.ports import free_port
+from tests.agent_lab import agent_groups_fixture, serving, wait_for  # noqa: F401
 from tests.procs import SHADOWBLK, Processes
-from tests.switchover_lab import start_attach, start_fleet
+from tests.switchover_lab import SWITCHOVER_TIMEOUT_S, start_attach, start_fleet
 
 
 def notify(run_dir: Path, *argv: str) -> subprocess.CompletedProcess:
@@ -81,6 +82,11 @@ def test_a_removed_primary_device_switches_the_volume_over_at_once(
         raise AssertionError("an emergency without the token")
     except ManagerError as err:
         assert err.status == 401
+    try:  # a report naming no server cannot be checked against the primary: refused
+        fleet.client.call("POST", "/v1/volumes/v1/emergency", {"reason": "x"})
+        raise AssertionError("a report without its server moved v1")
+    except ManagerError as err:
+        assert err.status == 422 and "server" in err.error, err
     assert fleet.primary() == "s1"
 
     # the primary's device goes: reported twice (the watcher and the rule would both), acted
@@ -104,3 +110,48 @@ def test_a_removed_primary_device_switches_the_volume_over_at_once(
     print(json.dumps({k: record[k] for k in ("pause_seconds", "timings_ms")}))  # reported only
     done = write(fleet.attach_uri)
     assert done.returncode == 0 and "Pattern verification failed" not in done.stdout, done
+
+
+def test_an_unfenced_reporter_loses_its_lease_before_the_promotion_and_its_copy(
+    procs: Processes, agent_groups: list[int], tmp_path: Path
+) -> None:
+    """The reporter's agent cannot be fenced (its control address, as registered, answers
+    nothing) while it goes on heartbeating: the generation is raised first, so its lease is
+    not renewed any more, and the shadow is promoted only once it ran out (I3: the old
+    primary refuses writes as soon as the switchover answers). Its copy, on the lost device,
+    is no shadow any more: v1 gets a new one on the third server, and s1 no order to host v1."""
+    fleet = start_fleet(procs, agent_groups, tmp_path, servers=3, timeout_s=5.0)
+    old_endpoint = serving(fleet.client, "s1", "v1")["endpoint"]
+    assert write(old_endpoint).returncode == 0
+    s1 = fleet.client.server("s1")
+    keys = ("name", "zone", "rack", "address", "nbd_address", "verify_address", "capacity_bytes",
+            "drive_models")  # fmt: skip
+    fleet.client.call(
+        "POST",
+        "/v1/servers",
+        {**{k: s1[k] for k in keys}, "control_address": f"127.0.0.1:{free_port()}"},
+    )
+    since = fleet.client.call("GET", "/v1/events", since=0, limit=1000)["events"][-1]["seq"]
+
+    slow = Client(fleet.lab.url, fleet.lab.token, timeout_s=SWITCHOVER_TIMEOUT_S)
+    record = slow.call("POST", "/v1/volumes/v1/emergency", {"server": "s1", "reason": "test"})
+    done = write(old_endpoint)
+    assert done.returncode != 0 or "error" in (done.stdout + done.stderr).lower(), done
+    assert record["outcome"] == "succeeded", record
+    assert "lease ran out" in record["fence"] and not record["drained"], record
+    assert fleet.client.server("s1")["state"] == "up"  # it heartbeated all along
+    third = ({"s2", "s3"} - {record["to"]}).pop()
+    assert "s1" not in [s["server"] for s in fleet.client.volume("v1")["shadows"]]
+    wait_for(lambda: [s["server"] for s in fleet.client.volume("v1")["shadows"]] == [third],
+             60, f"a new shadow of v1 on {third}")  # fmt: skip
+    events = fleet.client.call("GET", "/v1/events", since=since, limit=1000)["events"]
+    assert not [e for e in events
+                if e["kind"] == "host-volume" and e["detail"]["server"] == "s1"]  # fmt: skip
+    assert [e["detail"]["server"] for e in events if e["kind"] == "shadow-lost"] == ["s1"]
+    # a repeated report (the agent's retry, a late duplicate) cannot move the new primary
+    try:
+        slow.call("POST", "/v1/volumes/v1/emergency", {"server": "s1", "reason": "again"})
+        raise AssertionError("a second report moved v1")
+    except ManagerError as err:
+        assert err.status == 409, err
+    assert fleet.primary() == record["to"]

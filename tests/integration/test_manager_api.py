@@ -72,6 +72,7 @@ VOLUME = {"name": "v1", "size_bytes": GiB}
         (b"{not json", 400, "the request body is not JSON"),
         (b'{"name": "v1", "size_bytes": NaN}', 400, "NaN is not a number JSON allows"),
         (b"[" * 50_000, 400, "the request body is not JSON"),
+        (b'{"name": "v\\udc80", "size_bytes": 1}', 400, "not Unicode text: a lone surrogate"),
         (b" " * (65 * 1024), 413, "Request Entity Too Large"),
         ({**VOLUME, "size_bytes": 2**62}, 409, "no server can hold the primary of v1"),
     ],

@@ -13,6 +13,7 @@ import pytest
 
 from shadowblk.manager.client import ManagerError
 from tests.agent_lab import agent_groups_fixture, wait_for  # noqa: F401
+from tests.integration.test_manager_cli import shadowblk
 from tests.integration.test_switchover_planned import qemu_io
 from tests.procs import Processes
 from tests.switchover_lab import Fleet, start_attach, start_fleet
@@ -20,8 +21,10 @@ from tests.switchover_lab import Fleet, start_attach, start_fleet
 BLOCK = 4096
 
 
-def fleet_with_attach(procs: Processes, groups: list[int], tmp_path: Path) -> Fleet:
-    fleet = start_fleet(procs, groups, tmp_path)
+def fleet_with_attach(
+    procs: Processes, groups: list[int], tmp_path: Path, block_size: int = BLOCK
+) -> Fleet:
+    fleet = start_fleet(procs, groups, tmp_path, block_size=block_size)
     start_attach(procs, fleet)
     return fleet
 
@@ -52,7 +55,10 @@ def test_a_clean_switchover_compares_the_blocks_dirtied_since_the_last_verify(
     # never verified before: every block written since the volume was created (256 of 4 KiB)
     assert checks["result"] == "match" and checks["scope"] == "since-created", checks
     assert checks["blocks_compared"] == 256 and checks["mismatched"] == [], checks
-    assert "compare_ms" in first["timings_ms"]
+    assert "compare_ms" in first["timings_ms"] and "precompare_ms" in first["timings_ms"]
+    # read before the pause; in it, only what was written since (nothing here)
+    assert checks["in_pause"] == {"changed": 0, "compared": 0, "not_compared": 0}, checks
+    assert not checks["partial"], checks
 
     qemu_io(fleet.attach_uri, "write -P 0x62 4M 64k")  # on s2 now: 16 blocks
     wait_for(fleet.in_step, 60, "s1 a shadow of s2 again, in step")
@@ -120,3 +126,34 @@ def test_a_block_that_no_copy_holds_right_aborts_the_promotion(
     assert record["checksums"]["mismatched"] == [5], record
     assert "promote_ms" not in record["timings_ms"]  # never promoted
     assert not (tmp_path / "s2" / "primaries" / "v1.img").exists()
+    # blocked until an operator decides: nothing promotes the rejected copy meanwhile
+    volume = fleet.client.volume("v1")
+    assert "aborted" in volume["blocked"], volume
+    shown = shadowblk(fleet.lab, "volume", "show", "v1")
+    assert shown.returncode == 0 and "BLOCKED     switchover to s2 aborted" in shown.stdout, shown
+    with pytest.raises(ManagerError) as again:
+        fleet.switchover(to="s2")
+    assert again.value.status == 409 and "blocked" in str(again.value), again.value
+    host = [e for e in fleet.client.events(0, 1000)
+            if e["kind"] == "host-volume" and e["detail"]["role"] == "primary"]  # fmt: skip
+    assert [e["detail"]["server"] for e in host] == ["s1"]  # the creation's order only
+
+
+def test_a_repair_of_large_blocks_in_many_calls(
+    procs: Processes, agent_groups: list[int], tmp_path: Path
+) -> None:
+    """64 KiB blocks, 8 of them rotted on the shadow: 512 KiB of data to repair, more than the
+    agent takes in one call."""
+    bs = 64 * 1024
+    fleet = fleet_with_attach(procs, agent_groups, tmp_path, block_size=bs)
+    qemu_io(fleet.attach_uri, "write -P 0x73 0 1M")
+    shadow_image = tmp_path / "s2" / "shadows" / "v1.img"
+    wait_for(lambda: holds(shadow_image, 15 * bs + 9, 0x73), 60, "the write applied on s2")
+    rotted = [2, 3, 5, 7, 11, 12, 13, 15]
+    for block in rotted:
+        flip(shadow_image, block * bs + 9)
+    record = fleet.switchover(to="s2")
+    checks = record["checksums"]
+    assert record["outcome"] == "succeeded", record
+    assert checks["mismatched"] == rotted and checks["result"] == "repaired", checks
+    qemu_io(fleet.attach_uri, "read -P 0x73 0 1M")

@@ -100,3 +100,21 @@ def test_data_crcs_of_long_and_broken_runs(tmp_path: Path) -> None:
     padded = data[:-100] + bytes(100)
     want = block_crc32c(padded, BS)[blocks]
     assert np.array_equal(dirty_check.data_crcs(image, blocks, BS), want)
+
+
+def test_a_kept_map_gives_only_the_blocks_changed_since(copies: tuple[Path, Path]) -> None:
+    old, _ = copies
+    with pytest.raises(dirty_check.CheckError):  # nothing kept yet
+        dirty_check.primary_dirty(old, "v", 1, since_seen=True)
+    assert dirty_check.primary_dirty(old, "v", 1, keep=True)["count"] == 2  # 3 and 9
+    write(old / "primaries" / "v.img", 20, 0x44)  # written while the compare ran
+    write(old / "primaries" / "v.img", 9, 0x45)
+    ChecksumMap.build(
+        old / "primaries" / "v.img", old / "primaries" / "v.state" / "checksums.map"
+    ).close()
+    changed = dirty_check.primary_dirty(old, "v", 1, since_seen=True)
+    assert changed["scope"] == "since-seen"
+    assert dirty_check.unpack_blocks(changed["blocks"], BLOCKS).tolist() == [9, 20]
+    assert dirty_check.unpack(changed["crcs"]).tolist() == [
+        int(block_crc32c(bytes([b]) * BS)[0]) for b in (0x45, 0x44)
+    ]

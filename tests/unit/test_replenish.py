@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowblk.manager import replenish
+from shadowblk.manager import replenish, service
 from shadowblk.manager.service import Fleet
 from shadowblk.manager.store.sqlite import SqliteStore
 
@@ -83,3 +83,48 @@ def test_an_aborted_switchover_orders_no_roles(fleet: Fleet, fence: int) -> None
     fleet.finish_switchover(record, fence)
     assert len([e for e in fleet.store.events() if e.order_id]) == before
     assert fleet.switchovers("v1", 10)[-1]["outcome"] == "aborted"
+
+
+def abort(fleet: Fleet, fence: int, outcome: str, result: str) -> tuple[str, int]:
+    """A planned switchover of v1 (primary s1) whose compare stopped the promotion after the
+    generation was raised; the target's name and the number of orders before it ended."""
+    volume = fleet.create_volume({"name": "v1", "size_bytes": GiB, "primary": "s1"}, fence)
+    (target,) = [s["server"] for s in volume["volume"]["shadows"]]
+    fleet.raise_generation("v1", target, 1)
+    before = len(orders(fleet))
+    record = {"volume": "v1", "from": "s1", "to": target, "generation": 2, "outcome": outcome,
+              "error": "no copy to trust", "checksums": {"result": result}}  # fmt: skip
+    fleet.finish_switchover(record, fence)
+    return target, before
+
+
+def orders(fleet: Fleet) -> list[tuple[str, str, str]]:
+    return [(e.kind, e.detail["server"], e.detail["role"]) for e in fleet.store.events()
+            if e.order_id]  # fmt: skip
+
+
+@pytest.mark.parametrize("outcome,result", [("aborted", "mismatch"), ("failed", "repair-failed")])
+def test_an_aborted_switchover_blocks_the_volume_until_an_operator_decides(
+    fleet: Fleet, fence: int, outcome: str, result: str
+) -> None:
+    target, before = abort(fleet, fence, outcome, result)
+    assert "aborted" in fleet.volume("v1")["blocked"]
+    assert len(orders(fleet)) == before  # nothing ordered: no promotion of the rejected copy
+    # the old primary, a stale shadow in the store now, stays down: not replaced, and the
+    # target is not ordered primary by the replacement
+    silence(fleet, "s1", at=10)
+    later = 10 + TIMEOUT + replenish.REPLACE_AFTER_S + 10
+    assert replenish.short(fleet, TIMEOUT, later) == []
+    assert replenish.replace_lost(fleet, "v1", TIMEOUT, later, fence) is None
+    assert fleet.heartbeat(target, {"used_bytes": 0}, later)["leases"] == {}
+    with pytest.raises(service.Refused):
+        fleet.plan_switchover("v1", None)
+    with pytest.raises(service.Refused):
+        fleet.plan_emergency("v1")
+    assert len(orders(fleet)) == before
+
+    fleet.unblock("v1", fence)  # the operator keeps the target's copy
+    assert fleet.volume("v1")["blocked"] == ""
+    assert ("host-volume", target, "primary") in orders(fleet)[before:]
+    with pytest.raises(service.Refused):
+        fleet.unblock("v1", fence)

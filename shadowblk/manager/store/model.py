@@ -94,6 +94,7 @@ class Volume(_Doc):
     shadows: list[Shadow] = field(default_factory=list)
     generation: int = 1
     attachments: list[str] = field(default_factory=list)  # control URLs of `attach` routers
+    blocked: str = ""  # why no copy may be promoted until an operator decides (an aborted compare)
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
