@@ -1,4 +1,4 @@
-"""`shadowblk volume`: create, list, show and delete volumes through the manager."""
+"""`shadowblk volume`: create, list, show, delete and unblock volumes through the manager."""
 
 from __future__ import annotations
 
@@ -105,3 +105,19 @@ def show(client: Client, name: str, as_json: bool) -> None:
 def delete(client: Client, name: str, as_json: bool) -> None:
     """Delete volume NAME; its servers are ordered to drop their copies."""
     emit(client.delete_volume(name), as_json, lambda v: f"deleted {v['name']}")
+
+
+@command.command("unblock")
+@click.argument("name")
+@json_option
+@with_client
+def unblock(client: Client, name: str, as_json: bool) -> None:
+    """Clear the BLOCKED mark an aborted switchover left on volume NAME.
+
+    A planned switchover aborts when the shadow's checksums of the dirtied blocks disagree
+    with the old primary's and cannot be repaired; the volume then stays fenced, with no
+    switchover, promotion or new shadow, until an operator decides. After checking the copies
+    (`shadowblk scrub NAME`, docs/switchover.md), this keeps the manager's current primary and
+    orders every server back to its role.
+    """
+    emit(client.unblock(name), as_json, lambda v: f"unblocked {v['name']}: primary {v['primary']}")

@@ -173,6 +173,14 @@ class Api:
         fleet = self.manager.fleet
         return web.json_response(await self.manager.run(fleet.delete_volume, name, fence))
 
+    async def unblock(self, request: web.Request) -> web.Response:
+        """The operator's decision after an aborted switchover: the store's primary is the
+        volume's copy after all (docs/switchover.md)."""
+        name = _name(request)
+        fence = await self._may_change(request)
+        fleet = self.manager.fleet
+        return web.json_response(await self.manager.run(fleet.unblock, name, fence))
+
     async def explain(self, request: web.Request) -> web.Response:
         name = _name(request)
         return web.json_response(await self.manager.run(self.manager.fleet.explain, name))
@@ -209,6 +217,7 @@ def make_app(manager: Manager, token: str) -> web.Application:
             web.post("/v1/volumes/{name}/switchover-results", api.report_switchover),
             web.post("/v1/volumes/{name}/switchover", api.switchover),
             web.post("/v1/volumes/{name}/emergency", api.device_lost),
+            web.post("/v1/volumes/{name}/unblock", api.unblock),
             web.post("/v1/volumes/{name}/scrub", api.scrub),
             web.post("/v1/volumes/{name}/attachments", api.attach),
             web.post("/v1/servers/{name}/drain", api.drain_server),

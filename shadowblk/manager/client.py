@@ -196,6 +196,9 @@ class Client:
     def delete_volume(self, name: str) -> dict[str, Any]:
         return self.call("DELETE", f"/v1/volumes/{_quote(name)}")
 
+    def unblock(self, name: str) -> dict[str, Any]:
+        return self.call("POST", f"/v1/volumes/{_quote(name)}/unblock")
+
     def placement(self, name: str) -> dict[str, Any]:
         return self.call("GET", f"/v1/volumes/{_quote(name)}/placement")
 

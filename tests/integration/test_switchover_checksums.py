@@ -138,6 +138,16 @@ def test_a_block_that_no_copy_holds_right_aborts_the_promotion(
             if e["kind"] == "host-volume" and e["detail"]["role"] == "primary"]  # fmt: skip
     assert [e["detail"]["server"] for e in host] == ["s1"]  # the creation's order only
 
+    # the operator's decision: the store's primary (s2) is the copy after all
+    done = shadowblk(fleet.lab, "volume", "unblock", "v1")
+    assert done.returncode == 0 and "unblocked v1: primary s2" in done.stdout, done
+    assert fleet.client.volume("v1")["blocked"] == ""
+    host = [e for e in fleet.client.events(0, 1000)
+            if e["kind"] == "host-volume" and e["detail"]["role"] == "primary"]  # fmt: skip
+    assert [e["detail"]["server"] for e in host] == ["s1", "s2"]
+    again = shadowblk(fleet.lab, "volume", "unblock", "v1")
+    assert again.returncode != 0 and "v1 is not blocked" in again.stderr, again
+
 
 def test_a_repair_of_large_blocks_in_many_calls(
     procs: Processes, agent_groups: list[int], tmp_path: Path
