@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from shadowblk.cli.manager import _duration
+from shadowblk.cli.manager import parse_duration
 from shadowblk.lab.fleet import (
     LAB_FILE,
     Lab,
@@ -159,7 +159,7 @@ def _predictor(
     than a manager that exits during `lab up`."""
     if sustain is not None:
         try:
-            _duration(sustain)
+            parse_duration(sustain)
         except click.BadParameter as err:
             raise click.BadParameter(err.message, param_hint="--preempt-sustain") from None
     if model_path is not None:

@@ -24,7 +24,7 @@ def _store_url(text: str) -> str:
     return text
 
 
-def _duration(text: str) -> float:
+def parse_duration(text: str) -> float:
     """'90', '90s', '10m', '1h' -> seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
     if not match:
@@ -91,7 +91,7 @@ def _duration(text: str) -> float:
 )
 @click.option(
     "--preempt-sustain",
-    callback=lambda ctx, param, text: _duration(text),
+    callback=lambda ctx, param, text: parse_duration(text),
     default="1h",
     show_default=True,
     help="How long the probability must stay at or over the threshold (30s, 10m, 1h).",
