@@ -34,10 +34,22 @@ class Fleet:
         return self.client.volume(self.volume)["primary"]
 
     def in_step(self) -> bool:
-        """Every wanted shadow is reported in step by the current primary."""
+        """Every wanted shadow is reported in step by the current primary, and reports itself
+        a shadow at the current generation with an applied epoch: what a planned switchover
+        needs of its target (right after a switchover the primary can report the old primary in
+        step before that server's own heartbeat says it is a shadow again)."""
         record = self.client.volume(self.volume)
         states = [s["state"] for s in record["shadows"]]
-        return len(states) >= record["shadows_wanted"] and all(s == "in_sync" for s in states)
+        if len(states) < record["shadows_wanted"] or any(s != "in_sync" for s in states):
+            return False
+        for shadow in record["shadows"]:
+            health = self.client.server(shadow["server"]).get("health") or {}
+            report = (health.get("hosted") or {}).get(self.volume, {})
+            if (report.get("role"), report.get("generation")) != ("shadow", record["generation"]):
+                return False
+            if report.get("epoch", 0) <= 0:
+                return False
+        return True
 
     def switchover(self, to: str | None = None, reason: str = "test") -> dict[str, Any]:
         body = {"reason": reason, **({"to": to} if to else {})}
