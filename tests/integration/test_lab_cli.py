@@ -113,18 +113,20 @@ def test_cli_against_a_lab(procs: Processes, tmp_path: Path, store: str) -> None
     pids = [lab["pid"], lab["manager"]["pid"], *(a["pid"] for a in lab["agents"])]
     pids += [lab["etcd"]["pid"]] if lab["etcd"] else []
     pids += [kid for a in lab["agents"] for kid in children_of(a["pid"])]  # shadow servers
-    done = subprocess.run(
-        [*SHADOWBLK, "lab", "down", "--dir", str(lab_dir)], capture_output=True, text=True,
-        timeout=90,
-    )  # fmt: skip
+    done = lab_down(lab_dir)
     assert done.returncode == 0, done.stderr
     assert up.wait(10) == 0
     assert not any(running(pid) for pid in pids)
     assert not (lab_dir / "lab.json").exists()
-    again = subprocess.run(
-        [*SHADOWBLK, "lab", "down", "--dir", str(lab_dir)], capture_output=True, text=True
-    )
+    again = lab_down(lab_dir)
     assert again.returncode == 1 and "no lab runs" in again.stderr
+
+
+def lab_down(lab_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SHADOWBLK, "lab", "down", "--dir", str(lab_dir)], capture_output=True, text=True,
+        timeout=90,
+    )  # fmt: skip
 
 
 def lab_up(lab_dir: Path, *options: str) -> subprocess.CompletedProcess:
@@ -183,9 +185,6 @@ def test_lab_options_for_the_predictor(procs: Processes, tmp_path: Path) -> None
     assert (trigger["threshold"], trigger["sustain_seconds"], trigger["dry_run"]) == (
         0.7, 600.0, True,
     )  # fmt: skip
-    done = subprocess.run(
-        [*SHADOWBLK, "lab", "down", "--dir", str(lab_dir)], capture_output=True, text=True,
-        timeout=90,
-    )  # fmt: skip
+    done = lab_down(lab_dir)
     assert done.returncode == 0, done.stderr
     assert up.wait(10) == 0

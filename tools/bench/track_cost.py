@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from shadowblk.ports import free_port
-from tools.bench.nbd_fio import ROOT, fill, run_fio, wait_port
+from tools.bench.nbd_fio import ROOT, fill, run_fio, stop_server, wait_port
 from tools.bench.workdir import scratch
 
 # (name, fio rw, block size, queue depth, in the second half, one pass instead of REQUESTS)
@@ -155,12 +155,7 @@ def measure(
                 flush=True,
             )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, 300)  # callgrind writes its last dump on the way out
     return figures
 
 
