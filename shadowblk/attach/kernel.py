@@ -5,7 +5,8 @@ switchover connects /dev/nbdY to the new primary first, then suspends NAME (new 
 device-mapper, in-flight I/O completes on the old primary) and resumes with the table over
 /dev/nbdY, loaded before the suspend: the VM sees a pause, never an error. Then /dev/nbdX is
 disconnected. The device-mapper and NBD calls are ioctls made in this process
-(shadowblk.kernel), so nothing in the paused window starts a process.
+(shadowblk.kernel), so nothing in the paused window starts a process. The suspends skip the
+file-system freeze: both tables hold the same data, so dirty pages may reach the new one.
 
 A dead primary: the kernel NBD client gives up on a request after NBD_TIMEOUT s (the request
 fails; a silent host would otherwise hold it, and any suspend, for ever). When the connection
@@ -206,7 +207,7 @@ class KernelAttach:
 
     async def _pause(self, limit: float) -> float:
         start = time.monotonic()
-        await asyncio.to_thread(self.dm.suspend, self.name)
+        await asyncio.to_thread(self.dm.suspend, self.name, lockfs=False)
         self.paused = True
         self._pauses += 1
         asyncio.get_running_loop().call_later(limit, self._unpause, self._pauses)
@@ -232,7 +233,7 @@ class KernelAttach:
         self.dm.load(self.name, linear(new))
         t1 = time.monotonic()
         try:
-            self.dm.suspend(self.name)
+            self.dm.suspend(self.name, lockfs=False)
         except DMError:
             self.dm.clear(self.name)
             raise

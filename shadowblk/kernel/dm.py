@@ -40,6 +40,7 @@ SUSPEND_FLAG = 1 << 1
 STATUS_TABLE_FLAG = 1 << 4
 ACTIVE_PRESENT_FLAG = 1 << 5
 BUFFER_FULL_FLAG = 1 << 8
+SKIP_LOCKFS_FLAG = 1 << 10
 NOFLUSH_FLAG = 1 << 11
 DATA_OUT_FLAG = 1 << 16
 
@@ -157,10 +158,13 @@ class DeviceMapper:
         """Drop NAME's inactive table (a load that will not be resumed)."""
         self._call(TABLE_CLEAR, name)
 
-    def suspend(self, name: str, flush: bool = True) -> None:
+    def suspend(self, name: str, flush: bool = True, lockfs: bool = True) -> None:
         """Suspend NAME: new I/O queues, in-flight I/O completes (FLUSH: also what is queued
-        in the device, and dirty pages of a file system or the block device are written)."""
-        self._call(DEV_SUSPEND, name, SUSPEND_FLAG | (0 if flush else NOFLUSH_FLAG))
+        in the device). LOCKFS freezes a file system on NAME first, writing its dirty pages
+        (or the block device's) inside the suspend; a table swap between two copies of the
+        same data does not need that, and a suspend over a dead link must not wait for it."""
+        flags = SUSPEND_FLAG | (0 if flush else NOFLUSH_FLAG) | (0 if lockfs else SKIP_LOCKFS_FLAG)
+        self._call(DEV_SUSPEND, name, flags)
 
     def resume(self, name: str) -> None:
         """Resume NAME, swapping in its inactive table when one was loaded."""
