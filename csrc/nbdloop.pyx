@@ -5,9 +5,16 @@ connection.
 A Connection is shared by a few Worker threads, like nbdkit's per-connection thread pool. The
 worker holding the receive lock reads from the socket into its own buffer, takes every complete
 request it finds (a pipelined batch), hands any partial tail to the next reader and lets go of
-the lock; then it asks the tracker (one call, with the GIL, per batch) to record the batch's
-writes before any is issued, does pread/pwrite/fdatasync, and sends the batch's replies under
-the send lock. So one worker receives while others write, and small requests are still batched.
+the lock; then it has the batch's writes marked (below) before any is issued, does
+pread/pwrite/fdatasync, and sends the batch's replies under the send lock. So one worker
+receives while others write, and small requests are still batched. A batch holds READs for at
+most BATCH_READ bytes, so a queue of small READs is shared out between the workers.
+
+A WRITE of SPLICE_MIN bytes or more that heads a batch moves its payload from the socket into
+the worker's pipe with splice() (still under the receive lock: the volume is touched only once
+the whole request is in), and from the pipe onto the volume with splice() after it is tracked:
+one copy of the payload instead of two (recv into the buffer, then pwrite). Not with observers,
+which need the payload in memory; a volume that refuses splice() gets pwrite() again.
 
 A request the fast path does not handle (other commands, bad flags or ranges, bad magic) makes
 run() return SLOW with the receive lock still held: the Python handler
@@ -49,6 +56,22 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int MSG_NOSIGNAL
     int MSG_DONTWAIT
+
+cdef extern from "<fcntl.h>" nogil:
+    ssize_t splice(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t n,
+                   unsigned int flags)
+    int pipe2(int *fds, int flags)
+    int fcntl(int fd, int cmd, ...)
+    int O_CLOEXEC
+    int O_NONBLOCK
+    int F_SETPIPE_SZ
+    int F_GETPIPE_SZ
+    unsigned int SPLICE_F_MOVE
+    unsigned int SPLICE_F_NONBLOCK
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+    int close(int fd)
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -95,7 +118,11 @@ cdef enum:
     POLL_MS = 200
     GREEDY_RECV = 262144  # most bytes read ahead of a request whose size is not known yet
     SEND_EARLY = 16384
-    BATCH_READ = 262144  # a batch stops once its READs ask this much: the next worker takes the rest
+    # a batch stops once its READs ask this much: the next worker takes the rest, so a reader's
+    # queue is answered by several workers at once (four 4 KiB READs a batch, one 1 MiB READ)
+    BATCH_READ = 16384
+    SPLICE_MIN = 65536  # a WRITE this big moves its payload socket -> pipe -> volume (one copy)
+    SPLICE_PIPE = 1048576  # the pipe asked for (Linux's default limit): longer payloads use recv
     NBD_EIO = 5
     REGION_COLD = 0  # shadowblk.tracking.tracker: COLD, CARRIED, WRITTEN, PENDING
     REGION_WRITTEN = 2
@@ -116,7 +143,8 @@ cdef struct Request:
     uint64_t cookie  # as sent, never byte-swapped
     uint64_t offset
     uint32_t length
-    size_t data
+    size_t data  # where the payload starts in the worker's inbuf
+    uint32_t piped  # how much of the payload's tail waits in the worker's pipe instead
 
 
 cdef class StopFlag:
@@ -207,6 +235,8 @@ cdef class Connection:
     cdef char *carry
     cdef size_t carry_len
     cdef size_t carry_cap
+    cdef bint big_writes  # the last request parsed was a WRITE of SPLICE_MIN or more
+    cdef bint splice_ok  # the volume takes splice() (cleared on the first EINVAL)
 
     def __cinit__(
         self, int sock, int vol, uint64_t size, uint32_t max_payload, bint read_only,
@@ -232,6 +262,7 @@ cdef class Connection:
             self.t_unorder = tracker.ordering.release
         self.stop_flag = stop_flag
         self.stopping = &stop_flag.value
+        self.splice_ok = not read_only
         pthread_mutex_init(&self.recv_lock, NULL)
         pthread_mutex_init(&self.send_lock, NULL)
 
@@ -308,10 +339,13 @@ cdef class Worker:
     cdef bint holding
     cdef bint ordered  # holding tracker.ordering
     cdef uint32_t refused  # the error of the batch's writes the tracker or an observer refused
+    cdef int pipe_fd[2]  # a big WRITE's payload on its way from the socket to the volume
+    cdef size_t pipe_cap  # 0: no pipe yet; -1 (as size_t): none to be had
     cdef Request batch[BATCH]
 
     def __cinit__(self, Connection conn not None):
         self.conn = conn
+        self.pipe_fd[0] = self.pipe_fd[1] = -1
         if grow(&self.inbuf, &self.incap, GREEDY_RECV + HDR) != 0:
             raise MemoryError()
         if grow(&self.outbuf, &self.outcap, 65536) != 0:
@@ -322,6 +356,7 @@ cdef class Worker:
             pthread_mutex_unlock(&self.conn.recv_lock)
         free(self.inbuf)
         free(self.outbuf)
+        self._drop_pipe()
 
     def take(self, size_t n):
         """Up to N bytes still buffered, for the Python handler of a SLOW request."""
@@ -407,11 +442,17 @@ cdef class Worker:
             if be32toh(magic) != REQUEST_MAGIC or not self.conn._eligible(r):
                 slow[0] = 1
                 break
+            r.piped = 0
+            self.conn.big_writes = r.cmd == CMD_WRITE and r.length >= SPLICE_MIN
             if r.cmd == CMD_WRITE:
+                r.data = p + HDR
                 if avail < HDR + <size_t>r.length:
+                    if n == 0 and self.conn.big_writes and self._pipe_ready(HDR + r.length - avail):
+                        r.piped = HDR + r.length - avail  # _pipe_in receives it
+                        self.inpos = self.inend
+                        return 1
                     need[0] = HDR + <size_t>r.length - avail
                     break
-                r.data = p + HDR
                 p += HDR + r.length
             else:
                 if r.cmd == CMD_READ:
@@ -425,11 +466,11 @@ cdef class Worker:
 
     cdef int _receive(self, size_t need) noexcept nogil:
         """Read more: exactly NEED bytes' worth when the next request's size is known (so a big
-        payload is never split with the next reader), else up to GREEDY_RECV. 1 when bytes
-        came, else LOOP_CLOSED or LOOP_STOPPED."""
-        cdef size_t want = need if need > HDR else GREEDY_RECV
+        payload is never split with the next reader) or big WRITEs stream in (their payloads
+        go through the pipe, not this buffer), else up to GREEDY_RECV. 1 when bytes came, else
+        LOOP_CLOSED or LOOP_STOPPED."""
+        cdef size_t want = need if need > HDR or self.conn.big_writes else GREEDY_RECV
         cdef ssize_t got
-        cdef pollfd pfd
         cdef int rc
         if self.inpos > 0:
             if self.inend > self.inpos:
@@ -449,19 +490,9 @@ cdef class Worker:
                 continue
             if errno != EAGAIN:
                 return LOOP_CLOSED
-            while True:
-                if self.conn.stopping[0]:
-                    return LOOP_STOPPED
-                if self.conn.closing:
-                    return LOOP_CLOSED
-                pfd.fd = self.conn.sock
-                pfd.events = POLLIN
-                pfd.revents = 0
-                rc = poll(&pfd, 1, POLL_MS)
-                if rc > 0:
-                    break
-                if rc < 0 and errno != EINTR:
-                    return LOOP_CLOSED
+            rc = self._wait_readable()
+            if rc != 1:
+                return rc
 
     cdef int _run(self) noexcept nogil:
         cdef int n, i, slow, rc, nwrites, allowed, w
@@ -481,6 +512,14 @@ cdef class Worker:
                     return -1 if rc < 0 else rc
             if n == 0:
                 return LOOP_SLOW  # still holding: the request at the head is Python's
+            if self.batch[0].piped:
+                rc = self._pipe_in(&self.batch[0])
+                if rc == 0:
+                    continue  # the pipe filled up: the payload is in the buffer, parse it again
+                if rc != 1:
+                    self.conn.closing = 1
+                    self._release()
+                    return -1 if rc < 0 else rc
             nwrites = 0
             for i in range(n):
                 if self.batch[i].cmd == CMD_WRITE:
@@ -510,6 +549,135 @@ cdef class Worker:
                 return LOOP_CLOSED
             if slow:
                 return LOOP_SLOW
+
+    cdef bint _pipe_ready(self, size_t rest) noexcept nogil:
+        """Whether REST bytes of a big WRITE's payload may go through the pipe (made on first
+        use); observers need the payload in memory, so not with them."""
+        cdef int fds[2]
+        cdef int got
+        if self.conn.observed or not self.conn.splice_ok or self.pipe_cap == <size_t>-1:
+            return False
+        if self.pipe_cap == 0:
+            if pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0:
+                self.pipe_cap = <size_t>-1
+                return False
+            self.pipe_fd[0], self.pipe_fd[1] = fds[0], fds[1]
+            fcntl(fds[1], F_SETPIPE_SZ, <int>SPLICE_PIPE)
+            got = fcntl(fds[1], F_GETPIPE_SZ)
+            self.pipe_cap = <size_t>got if got > 0 else <size_t>-1
+        # a pipe slot holds at most a page (on loopback a full one): with small network
+        # segments the pipe may fill before the payload is in, and _pipe_in falls back
+        return rest <= self.pipe_cap
+
+    cdef void _drop_pipe(self) noexcept nogil:
+        """Close the pipe and what it holds; the next big WRITE makes a new one."""
+        if self.pipe_fd[0] >= 0:
+            close(self.pipe_fd[0])
+            close(self.pipe_fd[1])
+            self.pipe_fd[0] = self.pipe_fd[1] = -1
+            if self.pipe_cap != <size_t>-1:
+                self.pipe_cap = 0
+
+    cdef int _pipe_in(self, Request *r) noexcept nogil:
+        """Move the rest of R's payload (R.piped bytes) from the socket into the pipe, with the
+        receive lock held as for a payload read into the buffer: the volume is only touched
+        once the whole request is in. 1 when it is; 0 when the pipe filled up first (small
+        network segments): then what it holds is back in the buffer and the request is parsed
+        again, to be received the usual way; else LOOP_CLOSED, LOOP_STOPPED or -1."""
+        cdef size_t done = 0, start
+        cdef ssize_t got
+        cdef int rc
+        while done < r.piped:
+            rc = self._wait_readable()  # the socket blocks: never splice from it before data came
+            if rc != 1:
+                return rc
+            got = splice(self.conn.sock, NULL, self.pipe_fd[1], NULL, r.piped - done,
+                         SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if got > 0:
+                done += got
+            elif got == 0:
+                return LOOP_CLOSED
+            elif errno == EINTR:
+                continue
+            else:  # EAGAIN with data waiting: the pipe is full (or splice refused this socket)
+                start = r.data + r.length - r.piped
+                if start + r.piped > self.incap and grow(&self.inbuf, &self.incap, start + r.piped) != 0:
+                    return -1
+                if self._drain_pipe(self.inbuf + start, done) != 0:
+                    return LOOP_CLOSED
+                self._drop_pipe()
+                if done == 0:
+                    self.pipe_cap = <size_t>-1  # splice() refused this socket: no more tries
+                self.inend = start + done
+                self.inpos = r.data - HDR
+                return 0
+        return 1
+
+    cdef int _drain_pipe(self, char *dest, size_t n) noexcept nogil:
+        """Read N bytes the pipe holds into DEST; nonzero if it cannot."""
+        cdef size_t done = 0
+        cdef ssize_t got
+        while done < n:
+            got = read(self.pipe_fd[0], dest + done, n - done)
+            if got > 0:
+                done += got
+            elif got < 0 and errno == EINTR:
+                continue
+            else:
+                return 1
+        return 0
+
+    cdef uint32_t _pipe_out(self, Request *r) noexcept nogil:
+        """Write the payload's tail that waits in the pipe; the NBD error, or 0."""
+        cdef size_t tail = r.piped, done = 0
+        cdef size_t start = r.data + r.length - tail
+        cdef off_t off = r.offset + r.length - tail
+        cdef ssize_t got
+        while done < tail:
+            got = splice(self.pipe_fd[0], NULL, self.conn.vol, &off, tail - done, SPLICE_F_MOVE)
+            if got > 0:
+                done += got
+            elif got < 0 and errno == EINTR:
+                continue
+            elif got < 0 and errno == EINVAL and done == 0:
+                # a volume that does not take splice(): its payloads come by recv from now on,
+                # and this one is read back from the pipe and written as usual
+                self.conn.splice_ok = 0
+                if start + tail > self.incap and grow(&self.inbuf, &self.incap, start + tail) != 0:
+                    return NBD_EIO
+                if self._drain_pipe(self.inbuf + start, tail) != 0:
+                    return NBD_EIO
+                r.piped = 0
+                while done < tail:
+                    got = pwrite(self.conn.vol, self.inbuf + start + done, tail - done, off + done)
+                    if got > 0:
+                        done += got
+                    elif got < 0 and errno == EINTR:
+                        continue
+                    else:
+                        return nbd_errno(errno) if got < 0 else NBD_EIO
+                return 0
+            else:
+                return nbd_errno(errno) if got < 0 else NBD_EIO
+        return 0
+
+    cdef int _wait_readable(self) noexcept nogil:
+        """1 once the socket has data (or its end) to read, else LOOP_STOPPED, LOOP_CLOSED."""
+        cdef pollfd pfd
+        cdef int rc
+        while True:
+            if self.conn.stopping[0]:
+                return LOOP_STOPPED
+            if self.conn.closing:
+                return LOOP_CLOSED
+            pfd.fd = self.conn.sock
+            pfd.events = POLLIN
+            pfd.revents = 0
+            rc = poll(&pfd, 1, POLL_MS)
+            if rc > 0:
+                return 1
+            if rc < 0 and errno != EINTR:
+                return LOOP_CLOSED
 
     cdef void _flush_out(self) noexcept nogil:
         if self.outlen:
@@ -592,9 +760,9 @@ cdef class Worker:
                 error = self.refused
             else:
                 done = 0
-                while done < r.length:
-                    got = pwrite(self.conn.vol, self.inbuf + r.data + done, r.length - done,
-                                 r.offset + done)
+                while done < r.length - r.piped:
+                    got = pwrite(self.conn.vol, self.inbuf + r.data + done,
+                                 r.length - r.piped - done, r.offset + done)
                     if got > 0:
                         done += got
                     elif got < 0 and errno == EINTR:
@@ -602,11 +770,15 @@ cdef class Worker:
                     else:
                         error = nbd_errno(errno) if got < 0 else NBD_EIO
                         break
+                if not error and r.piped:
+                    error = self._pipe_out(r)
                 if not error and (r.flags & FLAG_FUA):
                     if fdatasync(self.conn.vol) != 0:
                         error = nbd_errno(errno)
                     elif self.conn.observed:
                         error = self._after_flush()  # a FUA is a flush to the observers too
+            if r.piped and (error or not may_write):
+                self._drop_pipe()  # whatever is left in it belongs to no request
             if self._reply(r, error) != 0:
                 return -1
         else:  # CMD_FLUSH

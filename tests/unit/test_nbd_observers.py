@@ -190,6 +190,17 @@ def test_on_flush_runs_before_the_reply(srv: Running) -> None:
         assert replied.is_set()
 
 
+def test_a_fua_write_is_a_flush_to_the_observers(srv: Running) -> None:
+    """Each FUA write, small or big (64 KiB and more take the pipe in the native loop when
+    nothing observes; here they must not), reaches every observer's on_flush before its reply."""
+    with srv.client() as c:
+        for n, length in enumerate((4096, 65536, MiB), start=1):
+            c.send(write_request(n, 0, bytes([n]) * length, P.CMD_FLAG_FUA))
+            assert c.reply().error == 0
+            assert srv.batch.flushes == srv.single.flushes == n
+    assert srv.image.read_bytes()[:MiB] == bytes([3]) * MiB
+
+
 def test_refused_writes_fail_with_the_observers_error(srv: Running) -> None:
     """A refused write gets the observer's errno (ESHUTDOWN: a fenced primary) and never
     reaches the volume; each pipelined write is on the volume exactly when its reply is OK."""
