@@ -2,6 +2,7 @@
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint32_t
+from libc.stdlib cimport free, malloc
 
 import numpy as np
 
@@ -94,3 +95,47 @@ def store_crc32c(uint32_t[::1] entries not None, Py_ssize_t block_size, writes,
         finally:
             PyBuffer_Release(&view)
     return n
+
+
+def first_bad_block(buf, Py_ssize_t block_size, expected):
+    """The index of the first whole block of BUF whose crc32c differs from its entry in
+    EXPECTED (big-endian uint32, one per block), or -1 when all match: a frame's blocks checked
+    in one call, with the GIL released. ValueError if EXPECTED has not one entry per block."""
+    cdef Py_buffer view, want
+    cdef crc32c_shift_t scratch
+    cdef Py_ssize_t i, nblocks, bad = -1
+    cdef const unsigned char *w
+    cdef uint32_t *crcs
+    cdef int hw = HARDWARE
+    if block_size <= 0:
+        raise ValueError(f"block_size {block_size} must be positive")
+    cdef bytes full = shift_for(block_size) if hw else b""
+    cdef const char *full_ptr = full
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(expected, &want, PyBUF_SIMPLE)
+        try:
+            if view.len % block_size or want.len != 4 * (view.len // block_size):
+                raise ValueError(
+                    f"{view.len} bytes in blocks of {block_size} against {want.len // 4} crcs")
+            nblocks = view.len // block_size
+            if nblocks == 0:
+                return -1
+            crcs = <uint32_t *>malloc(nblocks * sizeof(uint32_t))
+            if crcs == NULL:
+                raise MemoryError()
+            w = <const unsigned char *>want.buf
+            with nogil:
+                crc32c_blocks(<const unsigned char *>view.buf, view.len, block_size, crcs, hw,
+                              <const crc32c_shift_t *>full_ptr, &scratch)
+                for i in range(nblocks):
+                    if crcs[i] != ((<uint32_t>w[4 * i] << 24) | (<uint32_t>w[4 * i + 1] << 16)
+                                   | (<uint32_t>w[4 * i + 2] << 8) | w[4 * i + 3]):
+                        bad = i
+                        break
+            free(crcs)
+            return bad
+        finally:
+            PyBuffer_Release(&want)
+    finally:
+        PyBuffer_Release(&view)

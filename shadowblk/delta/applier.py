@@ -18,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+from shadowblk.delta.extents import Extents
 from shadowblk.delta.frames import ErrorCode, FrameError, Hello
 from shadowblk.delta.journal import (
     Journal,
@@ -203,14 +204,26 @@ class ShadowVolume:
         also held in memory, if it fits, so the commit applies it without reading it back."""
         self._check_epoch(epoch)
         self._staged_epoch = epoch
-        record = Record(kind, offset, length, epoch, data)
+        self._stage(Record(kind, offset, length, epoch, data))
+
+    def stage_extents(self, epoch: int, extents: Extents) -> None:
+        """Stage the runs of one checked EXTENT frame, a DATA record each."""
+        self._check_epoch(epoch)
+        self._staged_epoch = epoch
+        view = memoryview(extents.data)
+        at = 0
+        for offset, length in zip(extents.offsets, extents.lengths, strict=True):
+            self._stage(Record(Kind.DATA, offset, length, epoch, view[at : at + length]))
+            at += length
+
+    def _stage(self, record: Record) -> None:
         if self._direct:
             assert self._image is not None
             self._write(self._image, record)
             return
-        self.journal.append(kind, offset, length, epoch, data)
+        self.journal.append(record.kind, record.offset, record.length, record.epoch, record.data)
         if self._held is not None:
-            self._held_bytes += len(data)
+            self._held_bytes += len(record.data)
             if self._held_bytes > HOLD_BYTES:
                 self._held = None
             else:

@@ -15,9 +15,8 @@ from itertools import pairwise
 import numpy as np
 import zstandard
 
-from shadowblk.delta.extents import encode_extent, runs, zero_blocks
+from shadowblk.delta.extents import encode_extents, zero_blocks
 from shadowblk.delta.frames import MAX_EXTENT, FrameType
-from shadowblk.integrity.blockcrc import block_crc32c
 
 
 class Mark(Enum):
@@ -33,6 +32,7 @@ class Change:
     offset: int
     length: int
     payload: bytes = b""
+    flags: int = 0
 
 
 @dataclass
@@ -123,33 +123,57 @@ class Epoch:
 
 
 def _data(blocks: dict[int, bytes], bs: int, compressor: zstandard.ZstdCompressor):
-    """Runs of consecutive data blocks, as EXTENT (and ZERO for all-zero runs) changes. Which
-    blocks are zero and their crc32c are found for the whole epoch in one pass each (a random
-    writer's epoch is thousands of one-block runs)."""
+    """The epoch's data blocks as EXTENT frames of many runs each (and ZERO for all-zero runs):
+    a random writer's epoch of thousands of one-block runs is a few frames. Each frame's data
+    is joined from the captured blocks once (no copy of the whole epoch first)."""
     if not blocks:
         return
-    order = np.array(sorted(blocks), dtype=np.int64)
-    view = memoryview(b"".join([blocks[b] for b in order.tolist()]))
-    zeros = zero_blocks(view, bs)
-    crcs = block_crc32c(view, bs).astype(">u4")
-    cuts = np.flatnonzero((np.diff(order) != 1) | (zeros[1:] != zeros[:-1])) + 1
-    per = MAX_EXTENT // bs
-    for i, j in pairwise([0, *cuts.tolist(), len(order)]):
-        if zeros[i]:
-            yield Change(FrameType.ZERO, int(order[i]) * bs, (j - i) * bs)
-            continue
-        for s in range(i, j, per):
-            e = min(j, s + per)
-            payload = encode_extent(view[s * bs : e * bs], bs, compressor, crcs[s:e].tobytes())
-            yield Change(FrameType.EXTENT, int(order[s]) * bs, (e - s) * bs, payload)
+    order = sorted(blocks)
+    pieces = [blocks[b] for b in order]
+    zero = bytes(bs)
+    zeros = np.array([piece == zero for piece in pieces], dtype=bool)
+    yield from block_changes(np.array(order, dtype=np.int64), pieces, zeros, bs, compressor)
 
 
 def data_changes(offset: int, data: bytes, bs: int, compressor: zstandard.ZstdCompressor):
-    """EXTENT frames for the non-zero runs of DATA at OFFSET, ZERO frames for the zero runs."""
+    """EXTENT frames for the non-zero blocks of DATA at OFFSET, ZERO frames for the zero runs."""
     view = memoryview(data)
-    for start, end, is_zero in runs(view, bs):
-        if is_zero:
-            yield Change(FrameType.ZERO, offset + start, end - start)
-        else:
-            payload = encode_extent(view[start:end], bs, compressor)
-            yield Change(FrameType.EXTENT, offset + start, end - start, payload)
+    pieces = [view[i : i + bs] for i in range(0, len(view), bs)]
+    order = np.arange(len(pieces), dtype=np.int64) + offset // bs
+    yield from block_changes(order, pieces, zero_blocks(view, bs), bs, compressor)
+
+
+def block_changes(
+    order: np.ndarray,
+    pieces: list[bytes] | list[memoryview],
+    zeros: np.ndarray,
+    bs: int,
+    compressor: zstandard.ZstdCompressor,
+):
+    """ZERO changes for the runs of zero blocks, EXTENT changes for the others, MAX_EXTENT
+    bytes of data to a frame: ORDER the sorted block numbers, PIECES their data, ZEROS which
+    of them are all zeros."""
+    if zeros.any():
+        cuts = np.flatnonzero((np.diff(order) != 1) | (zeros[1:] != zeros[:-1])) + 1
+        for i, j in pairwise([0, *cuts.tolist(), len(order)]):
+            if zeros[i]:
+                yield Change(FrameType.ZERO, int(order[i]) * bs, (j - i) * bs)
+        keep = np.flatnonzero(~zeros)
+        order = order[keep]
+        pieces = [pieces[i] for i in keep.tolist()]
+    heads = np.ones(len(order), dtype=bool)
+    heads[1:] = np.diff(order) != 1
+    per = MAX_EXTENT // bs
+    heads[::per] = True  # every frame starts a run
+    for a in range(0, len(order), per):
+        b = min(len(order), a + per)
+        first = np.flatnonzero(heads[a:b])
+        counts = np.diff(np.append(first, b - a))
+        payload, flags = encode_extents(
+            order[a + first].astype(np.uint64) * bs,
+            counts * bs,
+            pieces[a:b],
+            bs,
+            compressor,
+        )
+        yield Change(FrameType.EXTENT, int(order[a]) * bs, (b - a) * bs, payload, flags)

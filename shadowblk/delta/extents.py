@@ -1,124 +1,151 @@
-"""EXTENT payloads (a crc32c per block, then one zstd frame) and splitting data into runs.
+"""EXTENT payloads: many scattered runs of blocks in one frame (an extent list, a crc32c per
+block, then the blocks, compressed once or stored raw), and splitting data into runs.
 
-The shipper encodes; the applier decodes and checks every block's crc after decompression, so
-nothing reaches a volume unless it is exactly what the primary read (I4).
+The shipper encodes; the applier decodes, checks the extent list and every block's crc after
+decompression (one native call for the frame), so nothing reaches a volume unless it is exactly
+what the primary read (I4). Layout: docs/protocol.md, "EXTENT".
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
-from itertools import pairwise
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 import zstandard
 
-from shadowblk.delta.frames import MAX_EXTENT, ErrorCode, FrameError
-from shadowblk.integrity.blockcrc import block_crc32c
+from shadowblk._native.blockcrc import first_bad_block, store_crc32c
+from shadowblk.delta.frames import FLAG_RAW, MAX_EXTENT, ErrorCode, Frame, FrameError
 
-PROBE = 64 << 10  # bytes compressed first to see whether compressing the extent pays
+PROBE = 64 << 10  # bytes compressed first to see whether compressing the frame pays
 PAYS = 0.9  # compressing pays when it saves at least a tenth
-_ZSTD_HEAD = struct.Struct("<IBI")  # magic, frame header descriptor, content size
-_ZSTD_MAGIC = 0xFD2FB528
-_RAW_BLOCK = 128 << 10  # the largest block zstd allows
+COUNT = struct.Struct("!I")
+ENTRY = np.dtype([("offset", ">u8"), ("length", ">u4")])  # one extent of the list
+
+
+@dataclass(frozen=True)
+class Extents:
+    """An EXTENT frame's checked content: sorted, disjoint byte ranges of whole blocks and their
+    data, concatenated in that order."""
+
+    offsets: list[int]
+    lengths: list[int]
+    data: bytes | memoryview
+
+
+def encode_extents(
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    pieces: Sequence[bytes | memoryview],
+    block_size: int,
+    compressor: zstandard.ZstdCompressor,
+) -> tuple[bytes, int]:
+    """(payload, flags) of an EXTENT frame for the ranges OFFSETS/LENGTHS (bytes, sorted,
+    disjoint, whole blocks) whose data is PIECES, one block each, in order. Compressed when a
+    probe of its start shows that zstd saves a tenth or more; otherwise stored raw (FLAG_RAW),
+    spared the compressor here and the decompressor at the shadow, and copied once: straight
+    from the pieces into the payload."""
+    crcs = np.empty(len(pieces), dtype=np.uint32)
+    store_crc32c(crcs, block_size, [(i * block_size, p) for i, p in enumerate(pieces)])
+    table = np.empty(len(offsets), dtype=ENTRY)
+    table["offset"] = offsets
+    table["length"] = lengths
+    head = COUNT.pack(len(table)) + table.tobytes() + crcs.astype(">u4").tobytes()
+    probe = pieces[: PROBE // block_size]
+    if len(probe) < len(pieces):
+        sample = b"".join(probe)
+        if len(compressor.compress(sample)) > PAYS * len(sample):
+            return b"".join([head, *pieces]), FLAG_RAW
+    data = b"".join(pieces)
+    packed = compressor.compress(data)
+    if len(packed) > PAYS * len(data):
+        return head + data, FLAG_RAW
+    return head + packed, 0
 
 
 def encode_extent(
-    data: bytes | memoryview,
-    block_size: int,
-    compressor: zstandard.ZstdCompressor,
-    crcs: bytes | None = None,
-) -> bytes:
-    """Payload of an EXTENT frame for DATA (a whole number of blocks). Compressed when a probe
-    of its start shows that zstd saves a tenth or more; otherwise stored in a zstd frame of raw
-    blocks, built without running the compressor (and copied, not decoded, by the shadow).
-    CRCS: the blocks' big-endian crc32c, if the caller computed them with others'."""
+    offset: int, data: bytes | memoryview, block_size: int, compressor: zstandard.ZstdCompressor
+) -> tuple[bytes, int]:
+    """(payload, flags) of an EXTENT frame holding one run of blocks, DATA at OFFSET."""
     view = memoryview(data).cast("B")
-    if crcs is None:
-        crcs = block_crc32c(view, block_size).astype(">u4").tobytes()
-    probe = view[:PROBE]
-    if len(probe) < len(view) and len(compressor.compress(probe)) > PAYS * len(probe):
-        return b"".join([crcs, *stored_frame(view)])
-    packed = compressor.compress(view)
-    if len(packed) > PAYS * len(view):
-        return b"".join([crcs, *stored_frame(view)])
-    return crcs + packed
+    pieces = [view[i : i + block_size] for i in range(0, len(view), block_size)]
+    one = np.array([offset], dtype=np.uint64)
+    return encode_extents(one, np.array([len(view)]), pieces, block_size, compressor)
 
 
-def stored_frame(data: memoryview) -> list[bytes | memoryview]:
-    """The pieces of a standard zstd frame holding DATA (at most 4 GiB) in raw blocks: single
-    segment, 4-byte content size, no checksum (every block has its crc32c already)."""
-    pieces: list[bytes | memoryview] = [_ZSTD_HEAD.pack(_ZSTD_MAGIC, 0xA0, len(data))]
-    for start in range(0, len(data), _RAW_BLOCK):
-        block = data[start : start + _RAW_BLOCK]
-        last = int(start + _RAW_BLOCK >= len(data))
-        pieces.append((len(block) << 3 | last).to_bytes(3, "little"))  # block type 0: raw
-        pieces.append(block)
-    if not len(data):
-        pieces.append((1).to_bytes(3, "little"))  # one empty last block
-    return pieces
-
-
-def decode_extent(
-    payload: bytes, length: int, block_size: int, seq: int, dctx: zstandard.ZstdDecompressor
-) -> bytes:
-    """The verified data of an EXTENT payload; FrameError (NACKable) on any mismatch."""
+def decode_extents(
+    frame: Frame, size: int, block_size: int, dctx: zstandard.ZstdDecompressor
+) -> Extents:
+    """The verified content of an EXTENT frame of a volume of SIZE bytes. An extent list that is
+    not sorted, disjoint whole blocks inside the volume, summing to the header's length and
+    starting at its offset, is a fatal FrameError (the payload passed its crc and tag: the
+    sender means it); data that does not match its crcs is NACKed."""
+    payload, length, seq = frame.payload, frame.length, frame.seq
+    if length <= 0 or length % block_size or length > MAX_EXTENT:
+        raise FrameError(ErrorCode.BAD_RANGE, f"EXTENT of {length} bytes")
     nblocks = length // block_size
-    head = 4 * nblocks
-    if len(payload) < head:
-        raise FrameError(ErrorCode.BAD_PAYLOAD, "EXTENT payload shorter than its crcs", False, seq)
-    try:
-        data = dctx.decompress(payload[head:], max_output_size=length)
-    except zstandard.ZstdError as exc:
-        raise FrameError(ErrorCode.BAD_PAYLOAD, f"zstd: {exc}", False, seq) from None
+    if len(payload) < COUNT.size:
+        raise FrameError(ErrorCode.BAD_PAYLOAD, "EXTENT payload without an extent count")
+    (count,) = COUNT.unpack_from(payload)
+    if not 0 < count <= nblocks:
+        raise FrameError(ErrorCode.BAD_RANGE, f"{count} extents for {nblocks} blocks")
+    crcs_at = COUNT.size + count * ENTRY.itemsize
+    data_at = crcs_at + 4 * nblocks
+    if len(payload) < data_at:
+        raise FrameError(ErrorCode.BAD_PAYLOAD, "EXTENT payload shorter than its extents and crcs")
+    table = np.frombuffer(payload, dtype=ENTRY, count=count, offset=COUNT.size)
+    offsets = table["offset"].astype(np.uint64)
+    lengths = table["length"].astype(np.uint64)
+    ends = offsets + lengths
+    if (
+        (offsets % block_size).any()
+        or (lengths % block_size).any()
+        or not lengths.all()
+        or (offsets > size).any()
+        or (ends > size).any()
+        or (offsets[1:] < ends[:-1]).any()
+        or int(lengths.sum()) != length
+        or int(offsets[0]) != frame.offset
+    ):
+        raise FrameError(
+            ErrorCode.BAD_RANGE,
+            f"EXTENT seq {seq}: its extents are not sorted, disjoint whole blocks inside the "
+            f"volume of {size} bytes summing to {length} bytes from offset {frame.offset}",
+        )
+    body = memoryview(payload)[data_at:]
+    if frame.flags & FLAG_RAW:
+        data: bytes | memoryview = body
+    else:
+        try:
+            data = dctx.decompress(body, max_output_size=length)
+        except zstandard.ZstdError as exc:
+            raise FrameError(ErrorCode.BAD_PAYLOAD, f"zstd: {exc}", False, seq) from None
     if len(data) != length:
         raise FrameError(
             ErrorCode.BAD_PAYLOAD, f"EXTENT holds {len(data)} bytes, not {length}", False, seq
         )
-    if nblocks == 1:  # a random writer's extents: spare the arrays
-        if crc32c.crc32c(data) == int.from_bytes(payload[:4], "big"):
-            return data
-        bad = np.zeros(1, dtype=np.int64)
-    else:
-        wanted = np.frombuffer(payload, dtype=">u4", count=nblocks)
-        bad = np.flatnonzero(block_crc32c(data, block_size) != wanted)
-    if bad.size:
+    bad = first_bad_block(data, block_size, memoryview(payload)[crcs_at:data_at])
+    if bad >= 0:
         raise FrameError(
             ErrorCode.BAD_PAYLOAD,
-            f"block crc32c mismatch at block {int(bad[0])} of EXTENT seq {seq}",
+            f"block crc32c mismatch at block {bad} of EXTENT seq {seq}",
             False,
             seq,
         )
-    return data
+    return Extents(offsets.tolist(), lengths.tolist(), data)
 
 
-def check_range(offset: int, length: int, size: int, block_size: int, limit: int | None) -> None:
-    """A frame's range must be whole blocks inside the volume (fatal: the header is authentic)."""
+def check_range(offset: int, length: int, size: int, block_size: int) -> None:
+    """A ZERO or TRIM range must be whole blocks inside the volume (fatal: the header is
+    authentic)."""
     if offset % block_size or length % block_size or length <= 0:
         raise FrameError(ErrorCode.BAD_RANGE, f"range {offset}+{length} is not whole blocks")
     if offset + length > size:
         raise FrameError(ErrorCode.BAD_RANGE, f"range {offset}+{length} beyond volume size {size}")
-    if limit is not None and length > limit:
-        raise FrameError(ErrorCode.BAD_RANGE, f"EXTENT of {length} bytes exceeds {limit}")
 
 
 def zero_blocks(data: bytes | memoryview, block_size: int) -> np.ndarray:
     """A bool per block of DATA: True where the block is all zeros."""
     words = np.frombuffer(data, dtype=np.uint64).reshape(-1, block_size // 8)
     return ~words.any(axis=1)
-
-
-def runs(data: bytes | memoryview, block_size: int) -> Iterator[tuple[int, int, bool]]:
-    """(start, end, is_zero) byte runs of DATA, data runs capped at MAX_EXTENT bytes."""
-    zeros = zero_blocks(data, block_size)
-    edges = [0, *(np.flatnonzero(zeros[1:] != zeros[:-1]) + 1).tolist(), len(zeros)]
-    for i, j in pairwise(edges):
-        if i == j:
-            continue  # no blocks at all
-        start, end = i * block_size, j * block_size
-        if zeros[i]:
-            yield start, end, True
-        else:
-            for s in range(start, end, MAX_EXTENT):
-                yield s, min(end, s + MAX_EXTENT), False

@@ -14,16 +14,17 @@ from enum import IntEnum
 import crc32c
 
 MAGIC = b"SBDS"
-VERSION = 2  # 2: 16-byte BLAKE2b / Poly1305 tags (1: 32-byte HMAC-SHA256)
+VERSION = 3  # 3: EXTENT frames carry an extent list (2: one run; 1: 32-byte HMAC-SHA256 tags)
 HEADER = struct.Struct("!4sBBHQQQQQQIII")  # ... payload_len, payload_crc, reserved (+ header crc)
 HEADER_SIZE = HEADER.size + 4
 TAG_SIZE = 16
 NONCE_SIZE = 16
 MAX_PAYLOAD = 4 << 20
-MAX_EXTENT = 1 << 20  # uncompressed bytes of one EXTENT frame
+MAX_EXTENT = 1 << 20  # uncompressed data bytes of one EXTENT frame (all its extents)
 
 FLAG_HMAC = 0x0001  # a 16-byte tag (BLAKE2b or Poly1305, see auth.py) follows the payload
 FLAG_MERGE = 0x0002  # EPOCH_END: staged, but commit together with the next epoch
+FLAG_RAW = 0x0004  # EXTENT: the data is stored as it is, not in a zstd frame
 
 
 class FrameType(IntEnum):

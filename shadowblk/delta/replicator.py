@@ -129,13 +129,50 @@ class Replicator:
         self._loop = loop
         for link in self.links:
             link.kick = asyncio.Event()
-            self._tasks.append(loop.create_task(link.run()))
+            self._start_link(link)
         self._tasks.append(loop.create_task(self._housekeeping()))
         loop.call_soon(ready.set)
         try:
-            loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
+            loop.run_until_complete(self._until_done())
         finally:
             loop.close()
+
+    async def _until_done(self) -> None:
+        """Until every task ended, those of links added later (set_shadows) too."""
+        while pending := [task for task in self._tasks if not task.done()]:
+            await asyncio.wait(pending)
+
+    def _start_link(self, link: ShadowLink) -> None:
+        """(event loop) Run LINK's connection loop; not once closing (close cancels only the
+        tasks it sees)."""
+        if not self.closing:
+            link.task = self._loop.create_task(link.run())  # type: ignore[union-attr]
+            self._tasks.append(link.task)
+
+    def set_shadows(self, shadows: Sequence[str]) -> list[str]:
+        """Ship to SHADOWS from now on, without a restart (a shadow placed while this primary
+        serves, a lost one dropped): a new shadow starts as any shadow without a record (a full
+        sync, then the stream); a dropped one's link stops and its record is deleted (what is
+        written from now on is not marked as lacking there: added again, it gets a full sync,
+        never a resync from a stale bitmap). Returns the addresses added."""
+        wanted = [f"{h}:{p}" for h, p in map(_address, shadows)]
+        with self.lock:
+            known = {link.name for link in self.links}
+        added = [ShadowLink(self, *_address(s)) for s in wanted if s not in known]  # records
+        with self.lock:  # opened off the lock (the activity log's first sync)
+            gone = [link for link in self.links if link.name not in wanted]
+            self.links = [link for link in self.links if link.name in wanted] + added
+            self._release()  # a dropped shadow no longer holds epochs in memory
+        for link in gone:
+            with link.record.save_lock:
+                link.record.log.close()
+                link.record.json_path.unlink(missing_ok=True)
+            if self._loop is not None and getattr(link, "task", None) is not None:
+                self._loop.call_soon_threadsafe(link.task.cancel)
+        for link in added:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._start_link, link)
+        return [link.name for link in added]
 
     def close(self) -> None:
         """Stop shipping and persist what every shadow still lacks."""
@@ -246,7 +283,7 @@ class Replicator:
         for link, hot, show in pending:
             self._save(link, hot, show)
         with self.lock:
-            if self.open.nbytes >= self.max_lag_bytes // CUT_SHARE:
+            if self.open.nbytes >= self.max_lag_bytes // CUT_SHARE or self._shadows_idle():
                 self._cut()  # only closed epochs ship: a full budget in one would stall writes
             if self._lag_bytes() <= self.max_lag_bytes:
                 return
@@ -329,6 +366,17 @@ class Replicator:
                 return self._cut(force=True)
             return self.counter.next
 
+    def _shadows_idle(self) -> bool:
+        """(lock) Sync mode, something captured, and every in-sync shadow has applied every
+        cut epoch: cut now rather than at the FLUSH. The shadow then commits while the FLUSH is
+        still on its way and the primary syncs its own copy, so a FLUSH waits for the longer
+        of the two instead of both in a row; while an epoch is in flight, writes gather in the
+        open one (a group commit)."""
+        if self.mode != "sync" or self.open.empty:
+            return False
+        waited = [link for link in self.links if link.in_sync]
+        return bool(waited) and all(link.record.acked >= self.last_cut for link in waited)
+
     def _lag_bytes(self) -> int:
         return self.open.nbytes + sum(e.nbytes for e in self.closed)
 
@@ -391,6 +439,8 @@ class Replicator:
             link.record.acked = max(link.record.acked, epoch)
             if consistent:
                 link.in_sync = True
+            if self._shadows_idle():
+                self._cut()  # the writes gathered while the last epoch was in flight
             self._release()
 
     def on_disconnect(self, link: ShadowLink) -> None:

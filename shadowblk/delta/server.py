@@ -2,7 +2,8 @@
 
 One asyncio loop; per stream a receiving task checks frames while an applying task stages
 them and commits epochs (fsyncs and the apply in a worker thread, so other volumes and the next
-epoch keep streaming). A bad peer gets an ERROR
+epoch keep streaming); a small frame that finds nothing queued is applied by the receiving task
+itself (a small epoch's commit then waits for no task switch). A bad peer gets an ERROR
 frame (or a NACK for a frame whose bytes are damaged) and never touches a volume.
 
 A volume changing role on this server (docs/switchover.md) is handed over alone, through the
@@ -31,7 +32,7 @@ import zstandard
 
 from shadowblk.delta.applier import CHECKPOINT_BYTES, ShadowVolume
 from shadowblk.delta.auth import Session
-from shadowblk.delta.extents import check_range, decode_extent
+from shadowblk.delta.extents import Extents, check_range, decode_extents
 from shadowblk.delta.frames import (
     FLAG_MERGE,
     MAX_EXTENT,
@@ -64,7 +65,7 @@ INLINE_COMMIT_BYTES = 64 << 10  # epochs this small commit on the loop (a sync f
 CHECKPOINT_IDLE = 0.2  # seconds without a frame after which committed epochs are checkpointed
 STAGED_EVERY = 4 << 20  # confirm staged frames this often, so the sender can forget them
 CONTROL_LINE = 4096  # the longest control command
-_KINDS = {FrameType.EXTENT: Kind.DATA, FrameType.ZERO: Kind.ZERO, FrameType.TRIM: Kind.TRIM}
+_KINDS = {FrameType.ZERO: Kind.ZERO, FrameType.TRIM: Kind.TRIM}
 
 
 class ShadowServer:
@@ -251,6 +252,9 @@ class _Stream:
         self.generation = 0
         self.dctx = zstandard.ZstdDecompressor()
         self.ends_queued = 0  # committing EPOCH_ENDs received, not yet taken by the applier
+        self.queued = 0  # frames in the queue or being applied by the applying task
+        self.applying = False  # a frame is being applied, or a checkpoint made, right now
+        self.last_frame = 0.0  # monotonic time the receiver last applied a frame itself
 
     async def send(
         self, ftype: FrameType, epoch: int = 0, payload: bytes = b"", offset: int = 0
@@ -375,10 +379,11 @@ class _Stream:
 
     async def _frames(self) -> None:
         """Receive and check frames while the previous epoch commits: a receiving task feeds
-        checked frames to an applying task through a short queue."""
+        checked frames to an applying task through a short queue (or applies a quick frame
+        itself when nothing is queued or being applied)."""
         assert self.volume is not None
         self.volume.begin_stream()
-        queue: asyncio.Queue[tuple[Frame, bytes]] = asyncio.Queue(QUEUE_FRAMES)
+        queue: asyncio.Queue[tuple[Frame, Extents | None]] = asyncio.Queue(QUEUE_FRAMES)
         tasks = {
             asyncio.ensure_future(self._receive(queue)),
             asyncio.ensure_future(self._apply_all(queue)),
@@ -392,7 +397,7 @@ class _Stream:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _receive(self, queue: asyncio.Queue[tuple[Frame, bytes]]) -> None:
+    async def _receive(self, queue: asyncio.Queue[tuple[Frame, Extents | None]]) -> None:
         expected, awaiting, nacks, unconfirmed = 1, False, 0, 0
         frames = FrameReader.attach(self.reader, self.writer)  # no copy, no task per frame
         while True:
@@ -421,13 +426,19 @@ class _Stream:
             awaiting = False
             if frame.type is FrameType.EPOCH_END and not frame.flags & FLAG_MERGE:
                 self.ends_queued += 1
-            await queue.put((frame, data))
+            if not self.queued and not self.applying and self._quick(frame):
+                await self._apply_here(frame, data)
+            else:
+                self.queued += 1
+                await queue.put((frame, data))
             unconfirmed += len(frame.payload) + 256
             if unconfirmed >= STAGED_EVERY:
                 unconfirmed = 0
                 await self.send(FrameType.STAGED, offset=frame.seq)
 
-    def _take(self, raw: RawFrame, expected: int, awaiting: bool) -> tuple[Frame, bytes] | None:
+    def _take(
+        self, raw: RawFrame, expected: int, awaiting: bool
+    ) -> tuple[Frame, Extents | None] | None:
         """The checked frame and its data, or None for a frame to drop while a NACK is out."""
         frame = check(raw, self.session)
         if frame.seq < expected:
@@ -442,7 +453,26 @@ class _Stream:
             )
         return frame, self._check(frame)
 
-    async def _apply_all(self, queue: asyncio.Queue[tuple[Frame, bytes]]) -> None:
+    def _quick(self, frame: Frame) -> bool:
+        """Applying FRAME needs no worker thread (a small frame, or the end of a small epoch
+        that commits on the loop)."""
+        assert self.volume is not None
+        if frame.type is FrameType.EPOCH_END and not frame.flags & FLAG_MERGE:
+            return self.volume.cheap_commit(INLINE_COMMIT_BYTES)
+        return len(frame.payload) < OFF_LOOP_BYTES
+
+    async def _apply_here(self, frame: Frame, data: Extents | None) -> None:
+        """Apply a quick frame on the receiving task, nothing being queued or applied: a sync
+        flush's epoch commits without waking the applying task (a task switch, and in Python
+        3.11 a task per `wait_for`)."""
+        self.applying = True
+        try:
+            await self._apply(frame, data)
+        finally:
+            self.applying = False
+            self.last_frame = time.monotonic()
+
+    async def _apply_all(self, queue: asyncio.Queue[tuple[Frame, Extents | None]]) -> None:
         volume = self.volume
         assert volume is not None
         while True:
@@ -452,11 +482,20 @@ class _Stream:
                 else:
                     frame, data = queue.get_nowait()
             except TimeoutError:  # a quiet stream: make the image durable, empty the journal
-                await self._checkpoint(volume.needs_checkpoint())
+                if self.applying or time.monotonic() - self.last_frame < CHECKPOINT_IDLE:
+                    continue  # the receiving task applies frames itself: not quiet
+                self.applying = True
+                try:
+                    await self._checkpoint(volume.needs_checkpoint())
+                finally:
+                    self.applying = False
                 continue
-            await self._apply(frame, data)
+            try:
+                await self._apply(frame, data)
+            finally:
+                self.queued -= 1
 
-    def _check(self, frame: Frame) -> bytes:
+    def _check(self, frame: Frame) -> Extents | None:
         """Everything about FRAME that can be checked before it is staged; its data if any."""
         assert self.volume is not None
         if frame.vol_key != self.vol_key:
@@ -468,23 +507,23 @@ class _Stream:
             )
         st = self.volume.state
         if frame.type is FrameType.EXTENT:
-            check_range(frame.offset, frame.length, st.size, st.block_size, MAX_EXTENT)
-            return decode_extent(frame.payload, frame.length, st.block_size, frame.seq, self.dctx)
+            return decode_extents(frame, st.size, st.block_size, self.dctx)
         if frame.type in (FrameType.ZERO, FrameType.TRIM):
-            check_range(frame.offset, frame.length, st.size, st.block_size, None)
+            check_range(frame.offset, frame.length, st.size, st.block_size)
         elif frame.type not in (FrameType.EPOCH_END, FrameType.PING):
             raise FrameError(ErrorCode.PROTOCOL, f"unexpected {frame.type.name} from a sender")
-        return b""
+        return None
 
-    async def _apply(self, frame: Frame, data: bytes) -> None:
+    async def _apply(self, frame: Frame, data: Extents | None) -> None:
         volume = self.volume
         assert volume is not None
-        if frame.type in _KINDS:
-            args = (_KINDS[frame.type], frame.offset, frame.length, frame.epoch, data)
-            if len(data) >= OFF_LOOP_BYTES:  # overlaps with the receiving of the next frames
-                await _finish(volume.stage, *args)
+        if data is not None:  # an EXTENT frame
+            if len(data.data) >= OFF_LOOP_BYTES:  # overlaps with the receiving of the next frames
+                await _finish(volume.stage_extents, frame.epoch, data)
             else:
-                volume.stage(*args)
+                volume.stage_extents(frame.epoch, data)
+        elif frame.type in _KINDS:
+            volume.stage(_KINDS[frame.type], frame.offset, frame.length, frame.epoch)
         elif frame.type is FrameType.PING:
             await self.send(FrameType.PONG, epoch=volume.applied)
         elif frame.flags & FLAG_MERGE:

@@ -359,7 +359,12 @@ class _Session:
 
     def _change(self, change: Change, epoch: int) -> Frame:
         return self.frame(
-            change.type, epoch, offset=change.offset, length=change.length, payload=change.payload
+            change.type,
+            epoch,
+            offset=change.offset,
+            length=change.length,
+            payload=change.payload,
+            flags=change.flags,
         )
 
     # --- receiving --------------------------------------------------------------------------

@@ -8,9 +8,11 @@ import errno
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import zstandard
 
-from shadowblk.delta.epoch import Change, data_changes
+from shadowblk.delta.epoch import Change, block_changes, data_changes
+from shadowblk.delta.extents import zero_blocks
 from shadowblk.delta.frames import MAX_EXTENT, FrameType
 from shadowblk.tracking.bitmap import DirtyBitmap
 
@@ -67,8 +69,27 @@ def full_sync(
 def resync(
     fd: int, lacks: DirtyBitmap, compressor: zstandard.ZstdCompressor, progress: list[int]
 ) -> Iterator[Change]:
-    """The blocks a shadow lacks, read from the volume now."""
+    """The blocks a shadow lacks, read from the volume now; scattered runs share frames."""
     bs = lacks.block_size
+    batch: list[tuple[int, int]] = []
+    total = 0
     for offset, length in lacks.extents(max_length=MAX_EXTENT):
-        yield from data_changes(offset, _read(fd, offset, length), bs, compressor)
-        progress[0] += length
+        if total + length > MAX_EXTENT:
+            yield from _read_runs(fd, batch, bs, compressor)
+            progress[0] += total
+            batch, total = [], 0
+        batch.append((offset, length))
+        total += length
+    if batch:
+        yield from _read_runs(fd, batch, bs, compressor)
+        progress[0] += total
+
+
+def _read_runs(
+    fd: int, batch: list[tuple[int, int]], bs: int, compressor: zstandard.ZstdCompressor
+) -> Iterator[Change]:
+    """The changes of the runs BATCH (sorted, disjoint) as the volume holds them now."""
+    order = np.concatenate([np.arange(o // bs, (o + n) // bs, dtype=np.int64) for o, n in batch])
+    view = memoryview(b"".join([_read(fd, o, n) for o, n in batch]))
+    pieces = [view[i : i + bs] for i in range(0, len(view), bs)]
+    return block_changes(order, pieces, zero_blocks(view, bs), bs, compressor)

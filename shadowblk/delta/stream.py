@@ -150,10 +150,12 @@ class FrameReader(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if len(self._buf) - self._fill < max(self._want - (self._fill - self._start), 4096):
-            # too little room after the unsplit bytes: move them to the front of a new buffer
-            # (frames split off earlier hold copies, never views, of the old one)
+            # too little room after the unsplit bytes: move them to the front (frames split
+            # off earlier hold copies, never views, of the buffer), of a bigger buffer if the
+            # next frame would not fit
             rest = self._buf[self._start : self._fill]
-            self._buf = bytearray(max(self.CHUNK, 2 * self._want))
+            if len(self._buf) < self._want + 4096:
+                self._buf = bytearray(max(self.CHUNK, 2 * self._want))
             self._buf[: len(rest)] = rest
             self._start, self._fill = 0, len(rest)
         return memoryview(self._buf)[self._fill :]
@@ -187,8 +189,9 @@ class FrameReader(asyncio.BufferedProtocol):
                 self._want = size
                 break
             body = pos + HEADER_SIZE
-            payload = bytes(buf[body : body + plen]) if plen else b""
-            tag = bytes(buf[body + plen : body + plen + tlen]) if tlen else b""
+            with memoryview(buf) as view:  # one copy of each, not a slice copied again
+                payload = bytes(view[body : body + plen]) if plen else b""
+                tag = bytes(view[body + plen : body + plen + tlen]) if tlen else b""
             self._frames.append(RawFrame(head, frame, pcrc, payload, tag))
             self._queued += size
             pos += size

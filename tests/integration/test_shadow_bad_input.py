@@ -63,16 +63,18 @@ class RawClient:
         self.vol, self.gen = volume_key(volume), generation
         return reply
 
-    def send(self, ftype: FrameType, epoch: int, offset: int = 0, length: int = 0, payload=b""):
+    def send(
+        self, ftype: FrameType, epoch: int, offset: int = 0, length: int = 0, payload=b"", flags=0
+    ):
         self.seq += 1
-        frame = Frame(ftype, self.vol, self.gen, epoch, self.seq, offset, length, payload)
+        frame = Frame(ftype, self.vol, self.gen, epoch, self.seq, offset, length, payload, flags)
         wire = encode(frame, self.session)
         self.sent.append(wire)
         self.sock.sendall(wire)
 
     def extent(self, epoch: int, offset: int, data: bytes) -> None:
-        payload = encode_extent(data, BS, zstandard.ZstdCompressor())
-        self.send(FrameType.EXTENT, epoch, offset, len(data), payload)
+        payload, flags = encode_extent(offset, data, BS, zstandard.ZstdCompressor())
+        self.send(FrameType.EXTENT, epoch, offset, len(data), payload, flags)
 
     def read(self, also: Session | None = None) -> Frame:
         head = self._exact(HEADER_SIZE)
@@ -238,9 +240,9 @@ def test_bad_input_leaves_image_and_state_untouched(shadow) -> None:
         else:
             assert c.hello(generation=2).type is FrameType.WELCOME
             c.extent(5, 0, os.urandom(BS))
-            c.send(FrameType.EXTENT, 5, SIZE, BS, b"")  # beyond the volume
+            c.extent(5, SIZE, os.urandom(BS))  # beyond the volume
             code, reason = error_of(c.read())
-            assert code is ErrorCode.BAD_RANGE and "beyond" in reason
+            assert code is ErrorCode.BAD_RANGE and "inside the volume" in reason
         c.close()
     untouched(data, before)
     assert committed_epoch(data / "v1.journal") is None

@@ -9,8 +9,8 @@ import pytest
 import zstandard
 
 from shadowblk.delta.epoch import Epoch, Mark
-from shadowblk.delta.extents import decode_extent
-from shadowblk.delta.frames import FrameType
+from shadowblk.delta.extents import decode_extents
+from shadowblk.delta.frames import Frame, FrameType
 
 BS = 512
 NBLOCKS = 64
@@ -42,15 +42,22 @@ def test_frames_replay_the_writes_in_order(seed: int) -> None:
     covered: set[int] = set()
     dctx = zstandard.ZstdDecompressor()
     for change in epoch.changes(BS, zstandard.ZstdCompressor()):
-        blocks = range(change.offset // BS, (change.offset + change.length) // BS)
-        assert covered.isdisjoint(blocks), "changes of one epoch must not overlap"
-        covered.update(blocks)
         if change.type is FrameType.EXTENT:
-            data = decode_extent(change.payload, change.length, BS, 0, dctx)
+            frame = Frame(change.type, offset=change.offset, length=change.length,
+                          payload=change.payload, flags=change.flags)  # fmt: skip
+            got = decode_extents(frame, len(base), BS, dctx)
+            pieces = list(zip(got.offsets, got.lengths, strict=True))
+            view, at = memoryview(got.data), 0
         else:
-            data = bytes(change.length)
-        replica[change.offset : change.offset + change.length] = data
+            pieces, view, at = [(change.offset, change.length)], memoryview(bytes(change.length)), 0
+        for offset, length in pieces:
+            blocks = range(offset // BS, (offset + length) // BS)
+            assert covered.isdisjoint(blocks), "changes of one epoch must not overlap"
+            covered.update(blocks)
+            replica[offset : offset + length] = view[at : at + length]
+            at += length
     assert replica == model
+    assert covered == set(epoch.blocks) | {b for s, e, _ in epoch.marks for b in range(s, e)}
     for block in range(NBLOCKS):
         assert (epoch.mark_at(block) is not None) == any(s <= block < e for s, e, _ in epoch.marks)
 

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+from dataclasses import replace
 
+import crc32c
+import numpy as np
 import pytest
 import zstandard
 
+from shadowblk._native import blockcrc as native
 from shadowblk.delta.auth import Session
-from shadowblk.delta.extents import decode_extent, encode_extent, runs
+from shadowblk.delta.epoch import Change, Epoch
+from shadowblk.delta.extents import decode_extents, encode_extent, encode_extents
 from shadowblk.delta.frames import (
+    FLAG_RAW,
     HEADER_SIZE,
+    VERSION,
     ErrorCode,
     Frame,
     FrameError,
@@ -85,32 +93,107 @@ def test_hello_round_trip_and_bad_volume_id() -> None:
         unpack_hello(pack_hello(hello)[:-1])
 
 
-def test_extent_checks_every_block() -> None:
-    data = os.urandom(3 * 4096) + bytes(4096)
-    payload = encode_extent(data, 4096, zstandard.ZstdCompressor(level=1))
-    dctx = zstandard.ZstdDecompressor()
-    assert decode_extent(payload, len(data), 4096, 1, dctx) == data
-    crc_damaged = bytearray(payload)
-    crc_damaged[5] ^= 1  # the crc of block 1
-    with pytest.raises(FrameError, match="block 1"):
-        decode_extent(bytes(crc_damaged), len(data), 4096, 1, dctx)
-    with pytest.raises(FrameError):  # claims more data than it holds
-        decode_extent(payload, len(data) + 4096, 4096, 1, dctx)
+SIZE = 64 << 20
+DCTX = zstandard.ZstdDecompressor()
 
 
-def test_a_one_block_extent_is_checked_too() -> None:
-    """The one-block path (a random writer's frames) skips the arrays, not the check."""
-    data = os.urandom(4096)
-    payload = encode_extent(data, 4096, zstandard.ZstdCompressor(level=1))
-    dctx = zstandard.ZstdDecompressor()
-    assert decode_extent(payload, 4096, 4096, 1, dctx) == data
-    for at in (2, len(payload) - 1):  # its crc, then its data (stored: zstd cannot tell)
+def extent_frame(changes: list[Change], index: int = 0) -> Frame:
+    change = changes[index]
+    assert change.type is FrameType.EXTENT
+    return Frame(
+        change.type, 1, 1, 1, 1, change.offset, change.length, change.payload, change.flags
+    )
+
+
+def test_one_frame_carries_many_scattered_runs() -> None:
+    """A random writer's blocks share frames; zero blocks travel as ZERO, without data."""
+    rng = random.Random(1)
+    blocks = {b: rng.randbytes(4096) for b in rng.sample(range(SIZE // 4096), 600)}
+    blocks.update({b: bytes(4096) for b in (3, 4, 9)})
+    epoch = Epoch(blocks=blocks)
+    changes = epoch.changes(4096, zstandard.ZstdCompressor(level=1))
+    extents = [c for c in changes if c.type is FrameType.EXTENT]
+    assert len(extents) == 3  # 600 one-block runs, MAX_EXTENT / 4096 = 256 blocks a frame
+    assert {(c.offset, c.length) for c in changes if c.type is FrameType.ZERO} == {
+        (3 * 4096, 8192),
+        (9 * 4096, 4096),
+    }
+    seen = {}
+    for i, change in enumerate(changes):
+        if change.type is not FrameType.EXTENT:
+            continue
+        got = decode_extents(extent_frame(changes, i), SIZE, 4096, DCTX)
+        assert len(got.offsets) > 1 and got.offsets == sorted(got.offsets)
+        view, at = memoryview(got.data), 0
+        for offset, length in zip(got.offsets, got.lengths, strict=True):
+            for k in range(length // 4096):
+                seen[offset // 4096 + k] = bytes(view[at + k * 4096 : at + (k + 1) * 4096])
+            at += length
+    assert seen == {b: d for b, d in blocks.items() if any(d)}
+
+
+@pytest.mark.parametrize("compressible", [True, False])
+def test_extent_checks_every_block(compressible: bool) -> None:
+    data = (b"abcd" * 3072 if compressible else os.urandom(3 * 4096)) + os.urandom(4096)
+    payload, flags = encode_extent(8192, data, 4096, zstandard.ZstdCompressor(level=1))
+    assert bool(flags & FLAG_RAW) is not compressible
+    frame = Frame(FrameType.EXTENT, 1, 1, 1, 1, 8192, len(data), payload, flags)
+    got = decode_extents(frame, SIZE, 4096, DCTX)
+    assert (got.offsets, got.lengths, bytes(got.data)) == ([8192], [len(data)], data)
+    crcs_at = 4 + 12  # the count, one extent
+    for at in (crcs_at + 5, len(payload) - 1):  # the crc of block 1, then the last block's data
         damaged = bytearray(payload)
         damaged[at] ^= 1
-        with pytest.raises(FrameError, match="block 0"):
-            decode_extent(bytes(damaged), 4096, 4096, 1, dctx)
+        with pytest.raises(FrameError) as err:
+            decode_extents(replace(frame, payload=bytes(damaged)), SIZE, 4096, DCTX)
+        assert not err.value.fatal and err.value.code is ErrorCode.BAD_PAYLOAD
+    with pytest.raises(FrameError) as err:  # the header claims more data than the list
+        decode_extents(replace(frame, length=len(data) + 4096), SIZE, 4096, DCTX)
+    assert err.value.fatal and err.value.code is ErrorCode.BAD_RANGE
 
 
-def test_runs_split_zero_blocks_from_data() -> None:
-    data = bytes(4096) + os.urandom(8192) + bytes(8192)
-    assert list(runs(data, 4096)) == [(0, 4096, True), (4096, 12288, False), (12288, 20480, True)]
+def test_a_bad_extent_list_is_refused() -> None:
+    data = os.urandom(2 * 4096)
+    lists = [
+        ([0, 0], [4096, 4096]),  # overlapping
+        ([8192, 0], [4096, 4096]),  # not sorted
+        ([0, SIZE], [4096, 4096]),  # beyond the volume
+        ([0, 100], [4096, 4096]),  # not whole blocks
+        ([0], [8192 + 4096]),  # more than the data
+    ]
+    for offsets, lengths in lists:
+        payload, flags = encode_extents(
+            np.array(offsets, dtype=np.uint64), np.array(lengths), [data[:4096], data[4096:]], 4096,
+            zstandard.ZstdCompressor(level=1),
+        )  # fmt: skip
+        frame = Frame(FrameType.EXTENT, 1, 1, 1, 1, offsets[0], len(data), payload, flags)
+        with pytest.raises(FrameError) as err:
+            decode_extents(frame, SIZE, 4096, DCTX)
+        assert err.value.fatal and err.value.code is ErrorCode.BAD_RANGE, (offsets, lengths)
+
+
+def test_an_older_version_is_refused_clearly() -> None:
+    wire = bytearray(encode(sample(), Session(None, b"a" * 16)))
+    wire[4] = VERSION - 1
+    head = bytes(wire[: HEADER_SIZE - 4])
+    head += crc32c.crc32c(head).to_bytes(4, "big")
+    with pytest.raises(FrameError, match=f"protocol version {VERSION - 1}") as err:
+        decode_header(head)
+    assert err.value.fatal and err.value.code is ErrorCode.VERSION
+
+
+@pytest.mark.parametrize("block_size", [512, 4096, 65536])
+def test_first_bad_block_finds_the_first_damaged_block(block_size: int) -> None:
+    """The shadow's one-call check agrees with crc32c applied block by block."""
+    rng = random.Random(block_size)
+    data = bytearray(rng.randbytes(block_size * 9))
+    crcs = b"".join(
+        crc32c.crc32c(data[i : i + block_size]).to_bytes(4, "big")
+        for i in range(0, len(data), block_size)
+    )
+    assert native.first_bad_block(data, block_size, crcs) == -1
+    for bad in (8, 3, 0):  # a later damage never hides an earlier one
+        data[bad * block_size + rng.randrange(block_size)] ^= 0x40
+        assert native.first_bad_block(data, block_size, crcs) == bad
+    with pytest.raises(ValueError):
+        native.first_bad_block(data, block_size, crcs[:-4])

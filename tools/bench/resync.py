@@ -6,11 +6,12 @@
 A `shadowblk serve` primary (async mode, `--max-lag-bytes 8M`, so that an absent shadow soon
 costs more memory than the budget and falls back to its lacks bitmap) replicates to one
 `shadowblk shadow` through a small TCP relay that parses the frame headers of the stream
-(docs/protocol.md: every data frame's header carries its offset and its length before
-compression). fio (nbd engine, 4k randwrite, iodepth 16, no random map so that blocks are
-written several times and others not at all, random data refilled for every write, fixed seed,
-at most RATE_IOPS writes per second so that the dirty set does not depend on the machine)
-writes for 5 s with the shadow there; once the shadow has applied everything it is stopped
+(docs/protocol.md: every data frame's header carries its length before compression, and an
+EXTENT frame's payload opens with its list of extents). fio (nbd engine, 4k randwrite,
+iodepth 16, no random map so that blocks are written several times and others not at all,
+random data refilled for every write, fixed seed, at most RATE_IOPS writes per second so that
+the dirty set does not depend on the machine) writes for 5 s with the shadow there; once the
+shadow has applied everything it is stopped
 (SIGTERM), fio writes for AWAY seconds more (its `--write_iolog` records every write), then the
 shadow is restarted on the same port and the benchmark waits until it has applied everything
 again. Figures of the resync (everything the relay forwarded to the restarted shadow): the data
@@ -33,6 +34,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
+from shadowblk.delta.extents import COUNT, ENTRY
 from shadowblk.delta.frames import FLAG_HMAC, HEADER_SIZE, TAG_SIZE, FrameType, decode_header
 from shadowblk.nbd.replication import StatusUnavailable, read_status
 from tests.procs import SHADOWBLK, Processes, free_port
@@ -51,7 +55,8 @@ class Relay:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.lock = threading.Lock()
-        self.frames: list[tuple[int, FrameType, int, int, int]] = []  # conn, type, off, len, wire
+        # conn, type, (offset, length) ranges, data length, wire bytes
+        self.frames: list[tuple[int, FrameType, list[tuple[int, int]], int, int]] = []
         self.connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -100,9 +105,16 @@ class Relay:
                 frame, plen, _ = decode_header(head)
                 rest = exactly(plen + (TAG_SIZE if frame.flags & FLAG_HMAC else 0))
                 dst.sendall(head + rest)
+                ranges = [(frame.offset, frame.length)]
+                if frame.type is FrameType.EXTENT:  # its extents open the payload
+                    (count,) = COUNT.unpack_from(rest)
+                    table = np.frombuffer(rest, dtype=ENTRY, count=count, offset=COUNT.size)
+                    ranges = list(
+                        zip(table["offset"].tolist(), table["length"].tolist(), strict=True)
+                    )
                 with self.lock:
                     self.frames.append(
-                        (conn, frame.type, frame.offset, frame.length, len(head) + len(rest))
+                        (conn, frame.type, ranges, frame.length, len(head) + len(rest))
                     )
         except (OSError, EOFError, ValueError):
             pass
@@ -226,11 +238,12 @@ def measure(work: Path, size_mib: int, away: float, seed: int, rate_iops: int) -
         sys.exit("no write found in fio's iolog")
     sent_blocks: list[int] = []
     raw = wire = 0
-    for _, kind, offset, length, nbytes in frames:
+    for _, kind, ranges, length, nbytes in frames:
         wire += nbytes
         if kind in DATA:
             raw += length
-            sent_blocks.extend(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
+            for offset, n in ranges:
+                sent_blocks.extend(range(offset // BLOCK, (offset + n - 1) // BLOCK + 1))
     twice = len(sent_blocks) - len(set(sent_blocks))
     link = doc["shadows"][0]
     return {
