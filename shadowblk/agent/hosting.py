@@ -31,6 +31,7 @@ from shadowblk.agent.roles import (
     private_dir,
     shadow_servers,
 )
+from shadowblk.nbd import fence
 from shadowblk.nbd.replication import StatusUnavailable, read_status
 
 log = logging.getLogger(__name__)
@@ -287,8 +288,35 @@ class Hosting(RoleChanges):
         child = self.children.get(name)
         if role == "primary" and child is None:
             self.children[name] = self._primary_child(name)
-        elif child is not None and self.replication.supported and before != shadow_servers(volume):
+        elif (
+            child is not None
+            and self.replication.supported
+            and before != shadow_servers(volume)
+            and not self._reship(name, volume)  # the running `serve` takes them: no restart
+        ):
             child.stop()  # started again at the next tick, with the new --shadow list
+
+    def _reship(self, name: str, volume: dict[str, Any]) -> bool:
+        """Have NAME's running `serve` ship to VOLUME's shadows from now on, without a restart
+        (which would hold the VM's I/O for seconds): whether it took them."""
+        child = self.children.get(name)
+        if child is None or child.url is None:
+            return False
+        try:
+            addresses = [self.replication.shadow_address(s) for s in shadow_servers(volume)]
+            answer = fence.command(
+                control_socket(self.primaries_dir, name), {"op": "shadows", "shadows": addresses}
+            )
+        except (LookupError, OSError, ValueError) as err:
+            log.warning("%s: new shadows not taken by its serve (%s): restarting it", name, err)
+            return False
+        if not answer.get("ok"):
+            log.warning("%s: new shadows not taken by its serve (%s): restarting it", name,
+                        answer.get("error"))  # fmt: skip
+            return False
+        log.info("%s: its serve ships to %s from now on (added %s)", name, addresses,
+                 answer.get("added"))  # fmt: skip
+        return True
 
     def _drop(self, name: str) -> None:
         rec = self.volumes.pop(name, None)

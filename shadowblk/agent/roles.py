@@ -315,12 +315,15 @@ class RoleChanges:
             self._hand_over(name, HOLD_AFTER_PROMOTION_S)
         switch.recover(self.shadows_dir, name)
         steps.mark("recover_ms")
-        epoch = switch.take_shadow(self.shadows_dir, self.primaries_dir, name, addresses)
+        child = self.standby.pop(name, None)
+        waiting = child is not None and child.proc is not None and child.proc.poll() is None
+        epoch = switch.take_shadow(  # a waiting standby opened its tracking state already
+            self.shadows_dir, self.primaries_dir, name, addresses, keep_tracking=waiting
+        )
         steps.mark("take_ms")
         self.volumes[name] = {"role": "primary", "volume": volume, "port": rec.get("port")}
         self.leases[name] = self.lease_until  # the agent's, until its next heartbeat
-        child = self.standby.pop(name, None)
-        if child is not None and child.proc is not None and child.proc.poll() is None:
+        if waiting and child is not None:
             child.name = f"primary {name}"
             child.argv = lambda: self._serve_argv(name, self.volumes[name])
             go = {"op": "go", "lease": self.lease_left(name)}

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -37,8 +38,29 @@ def _record(replication: Path, address: str) -> Path:
     return replication / f"shadow-{shadow_name(host.strip('[]'), int(port))}"
 
 
-def take_shadow(shadows: Path, primaries: Path, name: str, addresses: list[str]) -> int:
-    """Make shadows/NAME the primaries/NAME image with its replication state; its epoch."""
+# tracking/tracker.py's files, and the temporary one of a checkpoint the standby may be saving
+TRACKING = re.compile(r"^(volume\.json|dirty\.bitmap|hot-\d{8}\.log|\.dirty\.bitmap\..*\.tmp)$")
+
+
+def _clear(state_dir: Path, keep_tracking: bool) -> None:
+    """Empty STATE_DIR; with KEEP_TRACKING, but for the write tracking state that the standby
+    `serve` opened there before `go` (its syncs out of the pause; a new primary's tracking
+    starts empty, and a standby tracks nothing before `go`)."""
+    if not keep_tracking:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return
+    for path in state_dir.iterdir() if state_dir.is_dir() else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif not TRACKING.match(path.name):
+            path.unlink(missing_ok=True)
+
+
+def take_shadow(
+    shadows: Path, primaries: Path, name: str, addresses: list[str], keep_tracking: bool = False
+) -> int:
+    """Make shadows/NAME the primaries/NAME image with its replication state; its epoch
+    (KEEP_TRACKING: see _clear)."""
     try:
         state = VolumeState.load(shadows / f"{name}.state")
     except StateFileError as exc:
@@ -47,15 +69,20 @@ def take_shadow(shadows: Path, primaries: Path, name: str, addresses: list[str])
     if epoch == 0:
         raise SwitchError(f"{name}: the shadow never applied an epoch: it holds no valid state")
     state_dir = primaries / f"{name}.state"
-    shutil.rmtree(state_dir, ignore_errors=True)
+    _clear(state_dir, keep_tracking)
     replication = state_dir / "replication"
     replication.mkdir(parents=True)
     identity = {"volume_id": name, "size": state.size, "block_size": state.block_size}
-    write_json(replication / "replicator.json", {**identity, "reserved": epoch + 1})
-    for address in addresses:
+    for address in addresses:  # not synced (4 syncs per shadow, in the VM's pause): a record
+        # lost or torn by a crash reads as unknown (acked 0, or a bitmap failing its crc), and
+        # that shadow gets a full sync, never a resync from a wrong base
         base = _record(replication, address)
-        DirtyBitmap(state.size, state.block_size).save(Path(f"{base}.lacks"))
-        write_json(Path(f"{base}.json"), {"acked": epoch})
+        DirtyBitmap(state.size, state.block_size).save(Path(f"{base}.lacks"), durable=False)
+        write_json(Path(f"{base}.json"), {"acked": epoch}, durable=False)
+        Path(f"{base}.al").touch()  # the empty activity log, made durable by the folder's sync
+        # below (else `serve` creates it with two syncs of its own, in the pause)
+    # durable (a torn one would keep `serve` from starting): its file's and its folder's syncs
+    write_json(replication / "replicator.json", {**identity, "reserved": epoch + 1})
     with contextlib.suppress(FileNotFoundError):  # the shadow server let go of it
         os.replace(shadows / f"{name}.map", state_dir / "checksums.map")
     os.replace(shadows / f"{name}.img", primaries / f"{name}.img")

@@ -304,6 +304,13 @@ def command(
         raise click.UsageError("--checksums needs --state-dir (and a writable export)")
     if (lease is not None or standby) and control_socket is None:
         raise click.UsageError("--lease and --standby need --control-socket")
+    tracker: WriteTracker | None = None
+    if standby and state_dir is not None and not read_only and nbytes is not None:
+        try:  # its state's syncs now, not in the switchover's pause (agent/switch.py keeps it);
+            # before the control socket answers: the agent waits for that
+            tracker = WriteTracker(state_dir, nbytes, block_size, save_interval=save_interval)
+        except (StateError, ValueError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
     fence = Fence(lease) if control_socket is not None else None
     control = ControlSocket(control_socket, fence) if control_socket and fence else None
     if standby and control is not None:
@@ -324,11 +331,10 @@ def command(
     except (TLSConfigError, VolumeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        tracker = (
-            WriteTracker(state_dir, backend.size, block_size, save_interval=save_interval)
-            if state_dir is not None and not read_only
-            else None
-        )
+        if tracker is not None and tracker.bitmap.size != backend.size:
+            raise ValueError(f"{path}: {backend.size} bytes, not the {nbytes} of --size")
+        if tracker is None and state_dir is not None and not read_only:
+            tracker = WriteTracker(state_dir, backend.size, block_size, save_interval=save_interval)
         export = Export(export_name, backend, preferred_block=block_size)
         observer = replication.observer(export_name, backend, block_size, state_dir)
         crc_observer = (

@@ -43,18 +43,22 @@ def ahead(chunks: list[int], known: set[int]) -> list[int]:
     return sorted({*chunks, *more})
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any], durable: bool = True) -> None:
+    """Replace PATH atomically; not DURABLE: without the fsyncs (for a file whose loss after a
+    crash is safe, or that a later durable write covers)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as out:
             json.dump(data, out, sort_keys=True)
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 class PrimaryStateError(Exception):

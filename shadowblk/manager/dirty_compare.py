@@ -79,19 +79,24 @@ class Early:
 
 async def _crcs(
     call: Call, address: str, name: str, blocks: np.ndarray, total: int, bs: int, chunk: int,
-    deadline: float | None = None,
-) -> np.ndarray:  # fmt: skip
+    deadline: float | None = None, keep: int | None = None,
+) -> tuple[np.ndarray, bool]:  # fmt: skip
     """The target's data crcs of BLOCKS (sorted), CHUNK bytes of data per call; stops early
-    (a shorter answer) once past DEADLINE."""
+    (a shorter answer) once past DEADLINE. With KEEP, the last call also has the target keep
+    its map as the verified one of generation KEEP (no call of its own in the pause); whether
+    that call was made."""
     per = max(1, chunk // bs)
-    out = [np.empty(0, dtype="<u4")]
+    out, kept = [np.empty(0, dtype="<u4")], False
     for start in range(0, len(blocks), per):
         if deadline is not None and time.monotonic() > deadline:
             break
         part = blocks[start : start + per]
-        got = await call(address, name, "crcs", {"blocks": pack_blocks(part, total)})
+        body: dict[str, Any] = {"blocks": pack_blocks(part, total)}
+        if keep is not None and start + per >= len(blocks):
+            body["generation"], kept = keep, True
+        got = await call(address, name, "crcs", body)
         out.append(unpack(got["crcs"]))
-    return np.concatenate(out)
+    return np.concatenate(out), kept
 
 
 async def before_pause(call: Call, plan: dict[str, Any], name: str, before: int) -> Early:
@@ -103,7 +108,7 @@ async def before_pause(call: Call, plan: dict[str, Any], name: str, before: int)
         dirty = await call(old, name, "dirty", {"generation": before, "keep": True})
         total, bs = int(dirty["total"]), int(dirty["block_size"])
         blocks = unpack_blocks(dirty["blocks"], total)
-        actual = await _crcs(call, new, name, blocks, total, bs, CHUNK_BYTES)
+        actual, _ = await _crcs(call, new, name, blocks, total, bs, CHUNK_BYTES)
         expected = unpack(dirty["crcs"])
         bad = np.flatnonzero(expected != actual)
     except Exception as err:  # any refusal or failure of the calls: recorded, not fatal
@@ -138,14 +143,16 @@ async def in_pause(
         expected.update(zip(moved.tolist(), unpack(changed["crcs"]).tolist(), strict=True))
         wanted = list(dict.fromkeys([*early.suspects.tolist(), *moved.tolist()]))  # suspects 1st
         chosen = np.array(sorted(wanted[: max(1, PAUSE_BYTES // bs)]), dtype=np.int64)
-        actual = await _crcs(
-            call, new, name, chosen, total, bs, PAUSE_CHUNK_BYTES, started + PAUSE_S
+        # not partial: the target's map becomes the verified one of its generation (AFTER)
+        keep = after if len(chosen) == len(wanted) else None
+        actual, kept = await _crcs(
+            call, new, name, chosen, total, bs, PAUSE_CHUNK_BYTES, started + PAUSE_S, keep
         )
         compared = chosen[: len(actual)]
         partial = len(compared) < len(wanted)
-        if not partial:  # the target's map becomes the verified one of its generation
-            keep = {"blocks": pack_blocks(_NONE, total), "generation": after}
-            await call(new, name, "crcs", keep)
+        if not partial and not kept:  # nothing to compare: kept all the same
+            await call(new, name, "crcs", {"blocks": pack_blocks(_NONE, total),
+                                           "generation": after})  # fmt: skip
         want = np.array([expected[b] for b in compared.tolist()], dtype="<u4")
         bad = np.flatnonzero(want != actual)
     except Exception as err:

@@ -15,6 +15,10 @@ commands from its agent:
     {"op": "fence", "drain": T}    refuse every write from now on, ship the last epoch and wait
                                    up to T s for the shadows to apply it; answers the final epoch
     {"op": "status"}
+    {"op": "shadows", "shadows": ["HOST:PORT", ...]}
+                                   ship to these shadows from now on, without a restart (a new
+                                   one gets a full sync; a dropped one's link stops); answers
+                                   the addresses added. Unknown to a `serve` without --shadow
 
 Each answer is one JSON line. A lease that runs out fences the primary too, but revocably: the
 next lease lifts it (the manager grants one only while this server is still the volume's
@@ -187,6 +191,9 @@ class ControlSocket:
                 return {"ok": True, **self.fence.drain(float(cmd.get("timeout", 30.0)))}
             if op == "status":
                 return {"ok": True, **self.fence.status()}
+            if op == "shadows" and self.fence.replication is not None:
+                wanted = [str(s) for s in cmd["shadows"]]
+                return {"ok": True, "added": self.fence.replication.replicator.set_shadows(wanted)}
             return {"ok": False, "error": f"unknown op {op!r}"}
         except (ValueError, KeyError, TypeError) as exc:
             return {"ok": False, "error": f"bad command: {exc}"}

@@ -11,10 +11,12 @@ import pytest
 
 from shadowblk.agent import switch
 from shadowblk.attach.unflushed import Unflushed, batches
+from shadowblk.delta.primary_state import ShadowRecord
 from shadowblk.delta.volume_state import VolumeState
 from shadowblk.nbd import fence
 from shadowblk.nbd import protocol as P
 from shadowblk.tracking.bitmap import DirtyBitmap
+from shadowblk.tracking.tracker import WriteTracker
 
 SIZE, BS = 1 << 20, 4096
 
@@ -50,6 +52,8 @@ def test_the_control_socket(tmp_path: Path) -> None:
         bad = fence.command(tmp_path / "ctl", {"op": "lease"})
         assert not bad["ok"] and "bad command" in bad["error"]
         assert not fence.command(tmp_path / "ctl", {"op": "nope"})["ok"]
+        # no replication here: a new shadow list is refused (the agent restarts such a serve)
+        assert not fence.command(tmp_path / "ctl", {"op": "shadows", "shadows": []})["ok"]
         answer = fence.command(tmp_path / "ctl", {"op": "fence", "drain": 0})
         assert answer["fenced"] and answer["drained"] and answer["epoch"] == 0
         assert not control.go.is_set()
@@ -78,6 +82,30 @@ def test_a_promoted_shadow_claims_its_epoch_for_every_shadow(tmp_path: Path) -> 
     for name in ("10.0.0.2-7700", "__1-7701"):
         assert json.loads((rep / f"shadow-{name}.json").read_text()) == {"acked": 17}
         assert DirtyBitmap.load(rep / f"shadow-{name}.lacks").count() == 0
+
+
+def test_a_standby_s_tracking_state_is_kept_and_the_rest_made_afresh(tmp_path: Path) -> None:
+    """The standby `serve` opened its tracking state before `go` (its syncs out of the pause):
+    the promotion keeps those files and nothing else of the folder; the shadows' records it
+    writes without sync are what the replicator reads (acked 17, an activity log, no lacks)."""
+    shadows, primaries = shadow(tmp_path, 17)
+    state = primaries / "v1.state"
+    tracker = WriteTracker(state, SIZE, BS)  # as `serve --standby` does before waiting
+    tracked = sorted(p.name for p in state.iterdir())
+    (state / "status.json").write_text("{}")  # left by some earlier primary
+    (state / "replication").mkdir()
+    (state / "replication" / "shadow-10.0.0.9-1.json").write_text('{"acked": 3}')
+    switch.take_shadow(shadows, primaries, "v1", ["10.0.0.2:7700"], keep_tracking=True)
+    assert sorted(p.name for p in state.iterdir()) == sorted([*tracked, "replication"])
+    rep = state / "replication"
+    assert sorted(p.name for p in rep.iterdir()) == [
+        "replicator.json", "shadow-10.0.0.2-7700.al", "shadow-10.0.0.2-7700.json",
+        "shadow-10.0.0.2-7700.lacks",
+    ]  # fmt: skip
+    record = ShadowRecord(rep, "10.0.0.2-7700", SIZE, BS)
+    assert record.acked == 17 and record.lacks.count() == 0 and not record.log.hot
+    tracker.close()
+    WriteTracker(state, SIZE, BS).close()  # the `serve` after `go` goes on with it
 
 
 def test_a_shadow_that_never_applied_an_epoch_is_not_promoted(tmp_path: Path) -> None:
