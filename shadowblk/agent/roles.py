@@ -315,11 +315,12 @@ class RoleChanges:
             self._hand_over(name, HOLD_AFTER_PROMOTION_S)
         switch.recover(self.shadows_dir, name)
         steps.mark("recover_ms")
-        child = self.standby.pop(name, None)
+        child = self.standby.get(name)
         waiting = child is not None and child.proc is not None and child.proc.poll() is None
         epoch = switch.take_shadow(  # a waiting standby opened its tracking state already
             self.shadows_dir, self.primaries_dir, name, addresses, keep_tracking=waiting
         )
+        self.standby.pop(name, None)  # only now: a failed take leaves it where stop finds it
         steps.mark("take_ms")
         self.volumes[name] = {"role": "primary", "volume": volume, "port": rec.get("port")}
         self.leases[name] = self.lease_until  # the agent's, until its next heartbeat

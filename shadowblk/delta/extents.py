@@ -47,7 +47,9 @@ def encode_extents(
     spared the compressor here and the decompressor at the shadow, and copied once: straight
     from the pieces into the payload."""
     crcs = np.empty(len(pieces), dtype=np.uint32)
-    store_crc32c(crcs, block_size, [(i * block_size, p) for i, p in enumerate(pieces)])
+    stored = store_crc32c(crcs, block_size, [(i * block_size, p) for i, p in enumerate(pieces)])
+    if stored != len(pieces):  # a piece not one whole block: never ship an unset crc
+        raise ValueError(f"EXTENT piece {stored} is not one block of {block_size} bytes")
     table = np.empty(len(offsets), dtype=ENTRY)
     table["offset"] = offsets
     table["length"] = lengths

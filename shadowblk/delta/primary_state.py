@@ -187,6 +187,7 @@ class ShadowRecord:
         self.touched: set[int] = set()  # chunks written since the last checkpoint
         self.log = ActivityLog(state_dir / f"shadow-{name}.al")
         self.save_lock = threading.Lock()
+        self.dropped = False  # (save_lock) deleted: nothing may write it back
         if self.json_path.exists() and self.bitmap_path.exists():
             try:
                 self.acked = int(json.loads(self.json_path.read_text())["acked"])
@@ -202,6 +203,16 @@ class ShadowRecord:
             if chunk * CHUNK < size:
                 self.persisted.mark(chunk * CHUNK, min(CHUNK, size - chunk * CHUNK))
         self.lacks = self.persisted.copy()
+
+    def drop(self) -> None:
+        """Delete the record for good (the shadow is no longer shipped to): a later save or
+        checkpoint of a link still in flight must not bring back an acked epoch over lacks
+        that stopped growing; added again, the shadow then gets a full sync."""
+        with self.save_lock:
+            self.dropped = True
+            self.log.close()
+            self.json_path.unlink(missing_ok=True)
+            fsync_dir(self.json_path.parent)
 
     def chunks_missing(self, offset: int, length: int) -> list[int]:
         """Chunks of the range the persisted superset does not cover yet."""

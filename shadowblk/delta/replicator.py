@@ -155,7 +155,7 @@ class Replicator:
         sync, then the stream); a dropped one's link stops and its record is deleted (what is
         written from now on is not marked as lacking there: added again, it gets a full sync,
         never a resync from a stale bitmap). Returns the addresses added."""
-        wanted = [f"{h}:{p}" for h, p in map(_address, shadows)]
+        wanted = list(dict.fromkeys(f"{h}:{p}" for h, p in map(_address, shadows)))
         with self.lock:
             known = {link.name for link in self.links}
         added = [ShadowLink(self, *_address(s)) for s in wanted if s not in known]  # records
@@ -164,9 +164,7 @@ class Replicator:
             self.links = [link for link in self.links if link.name in wanted] + added
             self._release()  # a dropped shadow no longer holds epochs in memory
         for link in gone:
-            with link.record.save_lock:
-                link.record.log.close()
-                link.record.json_path.unlink(missing_ok=True)
+            link.record.drop()
             if self._loop is not None and getattr(link, "task", None) is not None:
                 self._loop.call_soon_threadsafe(link.task.cancel)
         for link in added:
@@ -299,6 +297,8 @@ class Replicator:
         cannot forget them), the grown bitmap where `shadowblk verify` reads it (SHOW)."""
         rec = link.record
         with rec.save_lock:
+            if rec.dropped:
+                return
             if hot:
                 rec.log.add(hot)
             if show:
@@ -480,6 +480,8 @@ class Replicator:
         acknowledged epoch saved."""
         rec = link.record
         with rec.save_lock:
+            if rec.dropped:
+                return rec.acked
             with self.lock:
                 keep = rec.log.hot
                 if final:

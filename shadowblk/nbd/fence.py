@@ -193,7 +193,11 @@ class ControlSocket:
                 return {"ok": True, **self.fence.status()}
             if op == "shadows" and self.fence.replication is not None:
                 wanted = [str(s) for s in cmd["shadows"]]
-                return {"ok": True, "added": self.fence.replication.replicator.set_shadows(wanted)}
+                try:
+                    added = self.fence.replication.replicator.set_shadows(wanted)
+                except (OSError, RuntimeError) as exc:  # a record not made, the loop closing
+                    return {"ok": False, "error": f"cannot set the shadows: {exc}"}
+                return {"ok": True, "added": added}
             return {"ok": False, "error": f"unknown op {op!r}"}
         except (ValueError, KeyError, TypeError) as exc:
             return {"ok": False, "error": f"bad command: {exc}"}

@@ -28,7 +28,10 @@ def test_a_shadow_added_and_one_dropped_while_writing(
 
         _, new_port = start_shadow(procs, tmp_path / "s1", key, "shadow1")
         driver.write_some(20)  # captured before the change, shipped to the new shadow after
+        [old] = rep.links
         added = rep.set_shadows([f"127.0.0.1:{new_port}"])
+        rep._save(old, [0], True)  # a save and a checkpoint that were under way at the drop
+        rep._checkpoint(old)
         assert added == [f"127.0.0.1:{new_port}"]
         assert rep.set_shadows([f"127.0.0.1:{new_port}"]) == []  # already shipped to
         for _ in range(5):
