@@ -13,11 +13,9 @@ Usage: python -m tests.kernel.guest_switch OUT SHADOW_URI MANAGER TOKEN
 """
 
 import json
-import mmap
 import os
 import signal
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -26,85 +24,10 @@ from pathlib import Path
 
 from shadowblk.kernel.nbd import KernelNBD
 from shadowblk.manager.client import Client
+from tests.kernel.guest_writer import Writer, post, wait_ready
 
-BLOCK = 4096
-WINDOW = 256  # blocks rewritten pass after pass
 CONTROL = {"dm": "127.0.0.1:7001", "router": "127.0.0.1:7002"}  # as switch.sh starts them
 ROUTER_PORT = 7010
-
-
-def pattern(p: int, b: int) -> bytes:
-    return f"pass {p} block {b}".ljust(BLOCK - 1).encode() + b"\n"
-
-
-class Writer(threading.Thread):
-    """Rewrites the window until stopped; keeps every write's (start, end) and the errors."""
-
-    def __init__(self, device: str) -> None:
-        super().__init__(daemon=True)
-        self.fd = os.open(device, os.O_RDWR | os.O_DIRECT)
-        self.buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants
-        self.stop = threading.Event()
-        self.times: list[tuple[float, float]] = []
-        self.last = [-1] * WINDOW
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        p = 0
-        while not self.stop.is_set():
-            for b in range(WINDOW):
-                if self.stop.is_set():
-                    break
-                self.buf[:] = pattern(p, b)
-                start = time.monotonic()
-                try:
-                    os.pwrite(self.fd, self.buf, b * BLOCK)
-                except OSError as exc:
-                    self.errors.append(f"pass {p} block {b}: {exc}")
-                    continue
-                self.times.append((start, time.monotonic()))
-                self.last[b] = p
-            p += 1
-
-    def verify(self) -> list[int]:
-        """Blocks that do not hold their last write."""
-        bad = []
-        for b in range(WINDOW):
-            os.preadv(self.fd, [self.buf], b * BLOCK)
-            if self.last[b] >= 0 and self.buf[:] != pattern(self.last[b], b):
-                bad.append(b)
-        os.close(self.fd)
-        return bad
-
-
-def post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=120) as reply:
-        return json.loads(reply.read())
-
-
-def wait_ready(out: Path, timeout: float = 600) -> tuple[int, str]:
-    """The pid and `ready` line of a process switch.sh started with its stdout to OUT/NAME.out;
-    the pid is found by its command line (the guest's /proc)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = out.read_text().splitlines() if out.exists() else []
-        if lines and lines[0].startswith("ready "):
-            return _pid(CONTROL[out.stem]), lines[0]
-        time.sleep(0.2)
-    raise RuntimeError(f"{out}: never ready")
-
-
-def _pid(marker: str) -> int:
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker.encode() in cmdline and b"shadowblk.cli" in cmdline:
-                return int(proc.name)
-    raise RuntimeError(f"no process with {marker}")
 
 
 def run_writer(device: str, control: str, repoint: Callable[[], dict]) -> dict:
@@ -148,8 +71,6 @@ def follow(control: str, shadow: str, client: Client) -> Callable[[], dict]:
 
 def summary(writer: Writer, t0: float, t1: float) -> dict:
     """What the writer saw before, around (T0 to T1) and after a swap."""
-    latencies = sorted((e - s) * 1000 for s, e in writer.times)
-    around = [(e - s) * 1000 for s, e in writer.times if e >= t0 and s <= t1]
     return {
         "writes": len(writer.times),
         "writes_before_swap": sum(e < t0 for _, e in writer.times),
@@ -157,8 +78,8 @@ def summary(writer: Writer, t0: float, t1: float) -> dict:
         "errors": writer.errors,
         "bad_blocks": writer.verify(),
         "repoint_call_ms": round((t1 - t0) * 1000, 1),
-        "max_write_ms_around_swap": round(max(around, default=0.0), 1),
-        "median_write_ms": round(latencies[len(latencies) // 2], 2) if latencies else None,
+        "max_write_ms_around_swap": writer.max_ms_around(t0, t1),
+        "median_write_ms": writer.median_ms(),
         "max_write_ms_elsewhere": round(
             max(((e - s) * 1000 for s, e in writer.times if e < t0 or s > t1), default=0.0), 1
         ),
@@ -167,12 +88,12 @@ def summary(writer: Writer, t0: float, t1: float) -> dict:
 
 def main(out: Path, shadow: str, manager: str, token: str) -> None:
     result = {}
-    pid, result["dm_ready"] = wait_ready(out / "dm.out")
+    pid, result["dm_ready"] = wait_ready(out / "dm.out", CONTROL["dm"])
     client = Client(manager, token)
     result["dm"] = run_writer("/dev/mapper/vm-vol", CONTROL["dm"],
                               follow(CONTROL["dm"], shadow, client))  # fmt: skip
     os.kill(pid, signal.SIGTERM)  # switch.sh waits for its clean exit
-    pid, result["router_ready"] = wait_ready(out / "router.out")
+    pid, result["router_ready"] = wait_ready(out / "router.out", CONTROL["router"])
     nbd = KernelNBD("127.0.0.1", ROUTER_PORT, "vol")
     try:
         repoint = partial(post, f"http://{CONTROL['router']}/repoint",

@@ -142,19 +142,12 @@ def nbd_servers(work: Path, marker: bytes) -> Iterator[tuple[dict[str, int], dic
             f.write(marker)
     files["switch"] = _sparse(work / "switch.img", 64 * MIB)
     try:
-        ports = {"NBDKIT_PORT": free_port(), "SWITCH_SHADOW_PORT": free_port()}
-        for port, image, extra in ((ports["NBDKIT_PORT"], files["nbdkit"], []),
-                                   (ports["SWITCH_SHADOW_PORT"], files["switch"],
-                                    ["cache=none"])):  # fmt: skip
-            procs.start(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file",
-                         str(image), *extra], f"nbdkit-{port}")  # fmt: skip
-            _wait_listening(port)
-        for key, image in (("SHADOWBLK_PORT", files["shadowblk"]),
-                           ("SWITCH_PRIMARY_PORT", files["switch"])):  # fmt: skip
-            serve = procs.start([*SHADOWBLK, "serve", str(image), "--listen", "127.0.0.1:0",
-                                 "--name", "vol"], f"serve-{image.stem}")  # fmt: skip
-            url = procs.wait_ready(serve, timeout=60).split()[1]  # nbd://127.0.0.1:PORT/vol
-            ports[key] = int(url.rsplit(":", 1)[1].split("/")[0])
+        ports = {"NBDKIT_PORT": free_port()}
+        _nbdkit(procs, ports["NBDKIT_PORT"], files["nbdkit"])
+        ports["SHADOWBLK_PORT"] = _serve(procs, files["shadowblk"])
+        ports["SWITCH_PRIMARY_PORT"], ports["SWITCH_SHADOW_PORT"] = switch_servers(
+            procs, files["switch"]
+        )
         files["key"] = make_key(work / "hmac.key")
         shadow = procs.start([*SHADOWBLK, "shadow", "--listen", "127.0.0.1:0", "--data-dir",
                               str(work / "shadow"), "--hmac-key-file", str(files["key"])],
@@ -164,6 +157,29 @@ def nbd_servers(work: Path, marker: bytes) -> Iterator[tuple[dict[str, int], dic
         yield ports, files
     finally:
         procs.stop_all()  # SIGTERM first for a clean flush, SIGKILL after 5 s
+
+
+def switch_servers(procs: Processes, image: Path) -> tuple[int, int]:
+    """The ports of a primary (`shadowblk serve`) and a shadow (`nbdkit file cache=none`) over
+    one IMAGE, as in the router tests: what one acknowledged the other reads, through the host's
+    page cache, so a swap between them loses nothing."""
+    shadow = free_port()
+    _nbdkit(procs, shadow, image, "cache=none")
+    return _serve(procs, image), shadow
+
+
+def _nbdkit(procs: Processes, port: int, image: Path, *extra: str) -> None:
+    procs.start(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(image),
+                 *extra], f"nbdkit-{port}")  # fmt: skip
+    _wait_listening(port)
+
+
+def _serve(procs: Processes, image: Path) -> int:
+    """`shadowblk serve IMAGE` as export `vol` on a free port of 127.0.0.1; the port."""
+    serve = procs.start([*SHADOWBLK, "serve", str(image), "--listen", "127.0.0.1:0",
+                         "--name", "vol"], f"serve-{image.stem}")  # fmt: skip
+    url = procs.wait_ready(serve, timeout=60).split()[1]  # nbd://127.0.0.1:PORT/vol
+    return int(url.rsplit(":", 1)[1].split("/")[0])
 
 
 def _manager(procs: Processes, work: Path, ports: dict[str, int]) -> tuple[int, Path]:

@@ -39,7 +39,7 @@ class Tables:
     def load(self, name: str, targets: list[Target]) -> None:
         self.calls.append(("load", targets[0].params))
 
-    def suspend(self, name: str) -> None:
+    def suspend(self, name: str, lockfs: bool = True) -> None:
         self.calls.append(("suspend", name))
 
     def resume(self, name: str) -> None:

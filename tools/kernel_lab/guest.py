@@ -86,8 +86,10 @@ def qemu_argv(
     memory_mb: int,
     cpus: int,
     extra: Sequence[str],
+    append: str = "",
 ) -> list[str]:
-    """The QEMU command line: q35 under TCG (KVM hangs these guests here), serial on stdout."""
+    """The QEMU command line: q35 under TCG (KVM hangs these guests here), serial on stdout;
+    APPEND goes on the kernel's command line."""
     argv = [
         "qemu-system-x86_64",
         "-machine", "q35,accel=tcg",
@@ -98,7 +100,7 @@ def qemu_argv(
         "-no-reboot",
         "-kernel", str(kernel.image),
         "-initrd", str(initrd),
-        "-append", "console=ttyS0 panic=-1 loglevel=4",
+        "-append", f"console=ttyS0 panic=-1 loglevel=4 {append}".strip(),
         "-fsdev", f"local,id=out,path={outdir},security_model=none",
         "-device", "virtio-9p-pci,fsdev=out,mount_tag=klabout",
     ]  # fmt: skip
@@ -128,12 +130,14 @@ def run_guest(
     memory_mb: int = 512,
     cpus: int = 2,
     extra: Sequence[str] = (),
+    append: str = "",
 ) -> GuestResult:
     """Boot a guest, run SCRIPT (a /bin/sh script) in it, power off; QEMU is killed at TIMEOUT.
 
     HOST_PORTS (name -> port on the host's 127.0.0.1) turns on networking and exports each NAME
     in the guest along with HOST=10.0.2.2. ENV is exported too; FILES are copied to /klab/NAME.
     HOST_ROOT mounts the host's / read-only on /host, for `klab-chroot CMD` (host userland).
+    APPEND: more kernel arguments (e.g. `rcupdate.rcu_expedited=1`).
     """
     kernel = installed_kernel()
     base = base_initramfs(kernel)
@@ -150,7 +154,8 @@ def run_guest(
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, out)
         net = host_ports is not None
-        argv = qemu_argv(kernel, initrd, disks, outdir, net, host_root, memory_mb, cpus, extra)
+        argv = qemu_argv(kernel, initrd, disks, outdir, net, host_root, memory_mb, cpus, extra,
+                         append)  # fmt: skip
         return _boot(argv, outdir, timeout)
 
 
