@@ -4,9 +4,11 @@ The VM's volume is a dm-linear device over /dev/nbdX, connected to the primary's
 switchover connects /dev/nbdY to the new primary first, then suspends NAME (new I/O waits in
 device-mapper, in-flight I/O completes on the old primary) and resumes with the table over
 /dev/nbdY, loaded before the suspend: the VM sees a pause, never an error. Then /dev/nbdX is
-disconnected. The device-mapper and NBD calls are ioctls made in this process
-(shadowblk.kernel), so nothing in the paused window starts a process. The suspends skip the
-file-system freeze: both tables hold the same data, so dirty pages may reach the new one.
+disconnected. A table is loaded over /dev/nbdY only once the kernel has started it (KernelNBD
+returns then): a write that reaches it before has no capacity to land in and fails with EIO.
+The device-mapper and NBD calls are ioctls made in this process (shadowblk.kernel), so nothing
+in the paused window starts a process. The suspends skip the file-system freeze: both tables
+hold the same data, so dirty pages may reach the new one.
 
 A dead primary: the kernel NBD client gives up on a request after NBD_TIMEOUT s (the request
 fails; a silent host would otherwise hold it, and any suspend, for ever). When the connection

@@ -13,6 +13,11 @@ a dying drive's latency spikes) not to become an I/O error: a dead server proces
 host closes or resets the connection, which ends it at once whatever the timeout
 (docs/attach.md). CONNECT_TIMEOUT (seconds) bounds the TCP connect and the handshake.
 ON_END is called (from the device's thread) when the connection ends, whatever ended it.
+
+A device is handed out only once the kernel has started it (`pid` in sysfs naming our NBD_DO_IT
+thread, the capacity set): before that it has no size and no receiver, a table loaded over it
+sees a 0-sector device (docs/attach.md, "Write errors in a dm swap"). `close()` returns once the
+kernel has dropped the device's configuration (no `pid` left): the device is free again then.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,10 +52,22 @@ class KernelNBDError(OSError):
     """No free /dev/nbdN, or the kernel refused the connection."""
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:  # no such attribute (yet, or any more)
+        return None
+
+
 def free_devices() -> list[Path]:
-    """/dev/nbdN devices with no connection (no `pid` in sysfs), lowest N first."""
+    """/dev/nbdN devices with no connection, lowest N first: no `pid` in sysfs (the kernel
+    removes it when it drops the device's configuration) and no capacity left."""
     names = sorted((p.name for p in SYS_BLOCK.glob("nbd*")), key=lambda n: int(n[3:]))
-    return [Path("/dev") / n for n in names if not (SYS_BLOCK / n / "pid").exists()]
+    return [Path("/dev") / n for n in names if _free(SYS_BLOCK / n)]
+
+
+def _free(sysfs: Path) -> bool:
+    return _read(sysfs / "pid") is None and _read(sysfs / "size") == "0"
 
 
 class KernelNBD:
@@ -75,6 +93,22 @@ class KernelNBD:
         self._thread = threading.Thread(target=self._do_it, name=f"nbd-{self.device.name}",
                                         daemon=True)  # fmt: skip
         self._thread.start()
+        self._wait_started(connect_timeout)
+
+    def _wait_started(self, timeout: float) -> None:
+        """Return once the kernel has started the device (NBD_DO_IT got as far as setting the
+        receiver's `pid` and the capacity): the thread's start is not that."""
+        sysfs = SYS_BLOCK / self.device.name
+        sectors = str(self.size // 512)
+        deadline = time.monotonic() + timeout
+        while not self.ended.is_set() and time.monotonic() < deadline:
+            pid = self._thread.native_id
+            if _read(sysfs / "pid") == str(pid) and _read(sysfs / "size") == sectors:
+                return
+            self.ended.wait(0.001)
+        why = f"NBD_DO_IT failed: {self.error}" if self.ended.is_set() else "not started in time"
+        self.close()
+        raise KernelNBDError(errno.EIO, f"{self.device}: {why}")
 
     def _claim(self, timeout: int) -> tuple[Path, int]:
         """The first free device that takes our socket (another client may race us to one)."""
@@ -118,10 +152,16 @@ class KernelNBD:
         return not self.ended.is_set()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Disconnect politely (the kernel sends NBD_CMD_DISC) and release the device."""
+        """Disconnect politely (the kernel sends NBD_CMD_DISC), release the device and wait
+        (up to TIMEOUT s) until the kernel has dropped its configuration: another opener
+        (udev's probe) can hold it a little longer than our descriptor."""
+        deadline = time.monotonic() + timeout
         if not self.ended.is_set():
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self.fd, DISCONNECT)
         self._thread.join(timeout)
         os.close(self.fd)
         self.client.close()
+        pid = SYS_BLOCK / self.device.name / "pid"
+        while _read(pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.001)

@@ -86,6 +86,15 @@ def summary(writer: Writer, t0: float, t1: float) -> dict:
     }
 
 
+def at_return(nbd: KernelNBD) -> dict:
+    """What sysfs says of NBD's device the moment KernelNBD returned it. One handed out before
+    the kernel started it had no capacity yet: a write that reached it failed with EIO
+    (docs/attach.md, "Write errors in a dm swap")."""
+    sysfs = Path("/sys/block") / nbd.device.name
+    sectors = int((sysfs / "size").read_text())
+    return {"bytes": sectors * 512, "pid": (sysfs / "pid").exists(), "export_bytes": nbd.size}
+
+
 def main(out: Path, shadow: str, manager: str, token: str) -> None:
     result = {}
     pid, result["dm_ready"] = wait_ready(out / "dm.out", CONTROL["dm"])
@@ -95,6 +104,7 @@ def main(out: Path, shadow: str, manager: str, token: str) -> None:
     os.kill(pid, signal.SIGTERM)  # switch.sh waits for its clean exit
     pid, result["router_ready"] = wait_ready(out / "router.out", CONTROL["router"])
     nbd = KernelNBD("127.0.0.1", ROUTER_PORT, "vol")
+    result["router_nbd_at_return"] = at_return(nbd)
     try:
         repoint = partial(post, f"http://{CONTROL['router']}/repoint",
                           {"uri": shadow, "generation": 1})  # fmt: skip

@@ -48,6 +48,15 @@ def test_dm_attach_follows_the_managers_map(lab: LabRun) -> None:
     assert status["generation"] == 1
 
 
+@pytest.mark.slow
+def test_kernel_nbd_hands_out_a_started_device(lab: LabRun) -> None:
+    """KernelNBD returns once the kernel has started the device (its capacity set, `pid` in
+    sysfs), not once its NBD_DO_IT thread is started: a table loaded over a device not yet
+    started let writes reach a 0-sector device (EIO)."""
+    at_return = _result(lab)["router_nbd_at_return"]
+    assert at_return["bytes"] == at_return["export_bytes"] > 0 and at_return["pid"]
+
+
 def _keep_pauses(lab: LabRun, result: dict) -> None:
     """The pauses measured in the guest, kept beside the lab's output for docs/attach.md
     (reported, never asserted: TCG on a shared host)."""

@@ -1,7 +1,7 @@
 """The device-mapper table swap's pause against the userspace router's, many swaps in one guest.
 
     python -m tools.bench.dm_pause [--rounds 10] [--settle 1.0] [--append ARGS] [--trace]
-        [--json] [--dir DIR]
+        [--json] [--dir DIR] [--save DIR]
 
 One kernel-lab guest (QEMU TCG, tools/kernel_lab) runs `shadowblk attach --dm` and the router
 (`attach --listen`, a kernel /dev/nbdN on it) over two exports of one file on the host: A
@@ -15,7 +15,10 @@ whose writes failed fails the run, and the guest kernel's nbd/dm/I/O-error lines
 Guest kernel arguments go in with --append (`rcupdate.rcu_expedited=1`: the swap's SRCU/RCU
 grace periods go expedited).
 --trace records the kernel's own durations of the swap's steps (ftrace function_graph on a few
-dm and RCU functions) and reports them too. A single boot takes a few minutes under TCG.
+dm, nbd and RCU functions, with absolute times, and the failed block requests) and reports them
+too; --save DIR keeps the guest's console and that trace. `--append loglevel=7` puts the
+kernel's info lines on the console (a write to a device with no capacity yet: "attempt to
+access beyond end of device"). A single boot takes a few minutes under TCG.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from tools.kernel_lab.initramfs import REPO
 MIB = 1 << 20
 TRACED = ("dev_suspend", "dm_suspend", "dm_resume", "dm_swap_table", "dm_table_destroy",
           "dm_kobject_uevent", "synchronize_srcu", "synchronize_rcu_expedited",
-          "synchronize_rcu", "dm_table_set_restrictions")  # fmt: skip
+          "synchronize_rcu", "dm_table_set_restrictions", "nbd_start_device", "nbd_clear_sock",
+          "nbd_bdev_reset", "nbd_disconnect")  # fmt: skip
 
 GUEST_SCRIPT = """#!/bin/sh
 # the dm attach and the router, both on A, the driver, then both stopped (SIGTERM)
@@ -49,7 +53,11 @@ if [ "$TRACE" = 1 ]; then
     for f in $TRACED; do echo "$f" >>$t/set_ftrace_filter 2>/dev/null || true; done
     echo function_graph >$t/current_tracer
     echo 1 >$t/options/funcgraph-tail
+    echo 1 >$t/options/funcgraph-abstime
     echo 4096 >$t/buffer_size_kb
+    # failed requests, with the time they failed at
+    echo 'error != 0' >$t/events/block/block_rq_complete/filter
+    echo 1 >$t/events/block/block_rq_complete/enable
 fi
 sbk attach vol --dm vm-vol --upstream "$A" --control 127.0.0.1:7001 >/out/dm.out 2>/out/dm.err &
 dm=$!
@@ -94,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1500, help="guest run limit, s")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--dir", type=Path, help="scratch parent folder (default: temp)")
+    parser.add_argument("--save", type=Path, metavar="DIR",
+                        help="keep the guest's console and trace in DIR")  # fmt: skip
     args = parser.parse_args(argv or [])
     if args.rounds < 1 or args.settle <= 0:
         parser.error("--rounds must be >= 1 and --settle > 0")
@@ -123,6 +133,11 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[dict], str]:
         lines = [line for line in result.console.splitlines() if kernel.search(line)]
         print("\n".join(lines), file=sys.stderr)
     trace = work / "out" / "trace.txt"
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        (args.save / "console.log").write_text(result.console)
+        if trace.exists():
+            (args.save / "trace.txt").write_text(trace.read_text())
     return rows, trace.read_text() if trace.exists() else ""
 
 

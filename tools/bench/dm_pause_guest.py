@@ -44,6 +44,7 @@ def one_swap(path: str, device: str, uri: str, settle: float) -> dict:
     }
     keys = ("pause_ms", "suspend_ms", "resume_ms", "load_ms", "connect_ms", "gate_closed_ms",
             "drain_ms")  # fmt: skip
+    row |= {k: answer[k] for k in ("device",) if k in answer}  # the /dev/nbdY now under it
     return row | {k: round(answer[k], 2) for k in keys if k in answer}
 
 
