@@ -21,8 +21,13 @@ cdef bint HARDWARE = crc32c_hw_available()
 cdef dict _shifts = {}   # block size -> its shift tables: building them costs ~20 us
 
 
-cdef bytes shift_for(Py_ssize_t block_size):
-    """The tables that feed crc32c_part(block_size) zero bytes, made once per block size."""
+cdef bytes shift_for(Py_ssize_t block_size, int hw):
+    """The tables that feed crc32c_part(block_size) zero bytes, made once per block size (none
+    for the table code, HW false); ValueError for a block size that is not positive."""
+    if block_size <= 0:
+        raise ValueError(f"block_size {block_size} must be positive")
+    if not hw:
+        return b""
     cdef bytes tables = _shifts.get(block_size)
     if tables is None:
         tables = bytes(sizeof(crc32c_shift_t))
@@ -46,9 +51,7 @@ def block_crc32c(buf, Py_ssize_t block_size=4096, bint hardware=True):
     cdef uint32_t[::1] out
     cdef Py_ssize_t nblocks
     cdef int hw = hardware and HARDWARE
-    if block_size <= 0:
-        raise ValueError(f"block_size {block_size} must be positive")
-    cdef bytes full = shift_for(block_size) if hw else b""
+    cdef bytes full = shift_for(block_size, hw)
     cdef const char *full_ptr = full
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
@@ -77,9 +80,7 @@ def store_crc32c(uint32_t[::1] entries not None, Py_ssize_t block_size, writes,
     cdef Py_ssize_t nblocks = entries.shape[0]
     cdef unsigned long long offset
     cdef int hw = HARDWARE
-    if block_size <= 0:
-        raise ValueError(f"block_size {block_size} must be positive")
-    cdef bytes full = shift_for(block_size) if hw else b""
+    cdef bytes full = shift_for(block_size, hw)
     cdef const char *full_ptr = full
     for i in range(start, n):
         item = writes[i]
@@ -107,9 +108,7 @@ def first_bad_block(buf, Py_ssize_t block_size, expected):
     cdef const unsigned char *w
     cdef uint32_t *crcs
     cdef int hw = HARDWARE
-    if block_size <= 0:
-        raise ValueError(f"block_size {block_size} must be positive")
-    cdef bytes full = shift_for(block_size) if hw else b""
+    cdef bytes full = shift_for(block_size, hw)
     cdef const char *full_ptr = full
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
