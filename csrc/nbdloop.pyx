@@ -25,8 +25,10 @@ Write observers (replication, checksum maps), when the tracker has some as the c
 starts, get the batch's payloads in one GIL acquisition (tracker.observe_writes). Marking the
 dirty bitmap needs no GIL: under the tracker's Mutex the loop checks that every region the
 batch touches is in the activity log already and marks the blocks; only a write into a region
-not yet logged goes to Python (tracker.before_writes logs it durably first). `tracker.ordering` is taken before the next worker may read (so one
-connection's write batches keep their arrival order) and held until the batch's last pwrite (so
+not yet logged goes to Python (tracker.before_writes logs it durably first), and so does the
+first write into an AHEAD region (which has the next window logged in the background, no sync).
+`tracker.ordering` is taken before the next worker may read (so one connection's write batches
+keep their arrival order) and held until the batch's last pwrite (so
 observers see writes in the order the volume gets them). A FLUSH or a FUA write ends its batch;
 after its fdatasync the ordering lock is let go and tracker.after_flush() runs before its reply
 is built (a `sync` replicator holds the reply there until the shadows have the data).
@@ -124,9 +126,10 @@ cdef enum:
     SPLICE_MIN = 65536  # a WRITE this big moves its payload socket -> pipe -> volume (one copy)
     SPLICE_PIPE = 1048576  # the pipe asked for (Linux's default limit): longer payloads use recv
     NBD_EIO = 5
-    REGION_COLD = 0  # shadowblk.tracking.tracker: COLD, CARRIED, WRITTEN, PENDING
+    REGION_COLD = 0  # shadowblk.tracking.tracker: COLD, CARRIED, WRITTEN, PENDING, AHEAD
     REGION_WRITTEN = 2
     REGION_PENDING = 3  # being logged by another batch: not durable yet
+    REGION_AHEAD = 4  # logged; its first write has the tracker log the next window (no fsync)
     LOOP_CLOSED = 0
     LOOP_SLOW = 1
     LOOP_STOPPED = 2
@@ -880,7 +883,8 @@ cdef class Worker:
                     logged = False
                     break
                 for k in range(first, last + 1):
-                    if self.conn.t_hot[k] == REGION_COLD or self.conn.t_hot[k] == REGION_PENDING:
+                    if (self.conn.t_hot[k] == REGION_COLD or self.conn.t_hot[k] == REGION_PENDING
+                            or self.conn.t_hot[k] == REGION_AHEAD):
                         logged = False
         if logged:
             for i in range(n):

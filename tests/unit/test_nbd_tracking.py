@@ -6,6 +6,7 @@ import json
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import crc32c
@@ -17,6 +18,7 @@ from shadowblk.nbd.handshake import Export
 from shadowblk.nbd.server import NBDServer
 from shadowblk.tracking.activity_log import RECORD, log_path, read_regions
 from shadowblk.tracking.tracker import (
+    AHEAD,
     CARRIED,
     PENDING,
     WRITTEN,
@@ -83,7 +85,8 @@ def test_sequential_writer_logs_regions_ahead(tmp_path: Path) -> None:
     assert logged_regions(state) == {5}
     t.before_writes([MiB], [4 * MiB])  # regions 0 and 1; region 1 follows 0 in the same batch
     assert logged_regions(state) == set(range(9))  # 1 and the 7 after it
-    assert t.hot[1] == WRITTEN and t.hot[2] == CARRIED and t.hot[5] == WRITTEN
+    assert t.hot[1] == WRITTEN and t.hot[2] == AHEAD and t.hot[3] == CARRIED
+    assert t.hot[5] == WRITTEN
     t.before_writes([33 * MiB], [4096])  # region 8: logged ahead already, no new record
     assert t.hot[8] == WRITTEN and logged_regions(state) == set(range(9))
     t.before_writes([36 * MiB], [4096])  # region 9, right after 8: 9 and the rest (to 15)
@@ -101,6 +104,28 @@ def test_sequential_writer_logs_regions_ahead(tmp_path: Path) -> None:
     crash(t)
     bitmap, _ = recover_dirty(state)
     assert list(bitmap.extents()) == [(8 * MiB, 8 * MiB)]
+
+
+def test_entering_the_window_logged_ahead_logs_the_next_one_in_the_background(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    t = WriteTracker(state, SIZE, region_size=4 * MiB)  # 16 regions
+    t.before_writes([0], [4096])
+    t.before_writes([4 * MiB], [4096])  # right after region 0: 1 and the 7 after it
+    assert logged_regions(state) == set(range(9)) and t.hot[2] == AHEAD
+    t.before_writes([8 * MiB], [4096])  # enters the window logged ahead: no record of its own
+    assert t.hot[2] == WRITTEN
+    deadline = time.monotonic() + 30
+    while logged_regions(state) != set(range(16)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert logged_regions(state) == set(range(16))  # the prelogger logged 9..15
+    assert t.hot[9] == AHEAD and t.hot[10] == CARRIED
+    t.checkpoint()  # only 0, 1, 2 were written: the rest retire
+    assert logged_regions(state) == {0, 1, 2} and t.hot[9] == 0
+    crash(t)
+    bitmap, _ = recover_dirty(state)  # the carried regions, whole; nothing logged ahead
+    assert list(bitmap.extents()) == [(0, 12 * MiB)]
 
 
 def test_torn_tail_is_ignored_but_damage_inside_makes_all_dirty(tmp_path: Path) -> None:
