@@ -10,6 +10,14 @@ The device-mapper and NBD calls are ioctls made in this process (shadowblk.kerne
 in the paused window starts a process. The suspends skip the file-system freeze: both tables
 hold the same data, so dirty pages may reach the new one.
 
+The swap is one ioctl: a resume of the running device with the new table loaded, which the
+kernel turns into suspend, swap, resume, so that no window is left in which the device stays
+suspended while this process is between two calls (descheduled, or killed there: the VM's I/O
+would hang). Measured, it is no faster than the two ioctls (the kernel's own work under a
+descheduled vCPU is most of the pause: docs/attach.md); SWAP="two" makes those two ioctls, for
+that comparison (tools/bench/dm_pause.py). A device already suspended (pause(), or a lost
+connection) gets the resume alone, which swaps and lets the held I/O through.
+
 A dead primary: the kernel NBD client gives up on a request after NBD_TIMEOUT s (the request
 fails; a silent host would otherwise hold it, and any suspend, for ever). When the connection
 under the device ends by itself, the device is suspended at once, so that new I/O waits in
@@ -26,6 +34,7 @@ RECONNECT_TIMEOUT_S to connect and shake hands: a server that is back answers at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -47,6 +56,9 @@ CONNECT_TIMEOUT_S = 30.0  # to a new primary, maybe just promoted on a loaded ho
 RECONNECT_TIMEOUT_S = 2.0  # to the endpoint that just dropped: back now, or not worth waiting
 
 
+SWAPS = ("one", "two")  # the table swap in one ioctl (resume) or two (suspend, then resume)
+
+
 @dataclass
 class Switch:
     """What one table swap measured, in milliseconds (monotonic clock of this host)."""
@@ -54,11 +66,14 @@ class Switch:
     uri: str
     generation: int
     device: str  # the /dev/nbdY now under the volume
-    pause_ms: float  # suspend issued -> resume returned: I/O waits this long at most
-    suspend_ms: float  # of which: the suspend, i.e. the drain of in-flight I/O
-    load_ms: float  # the new table's load, before the suspend (not part of the pause)
-    resume_ms: float
-    connect_ms: float  # the new NBD connection, made before the suspend
+    ioctls: int  # 1: the resume suspends, swaps and resumes; 2: a suspend, then the resume
+    pause_ms: float  # first swap ioctl issued -> resume returned (after a pause(), I/O
+    # waited since that too): the device holds I/O this long at most
+    suspend_ms: float | None  # of which the suspend ioctl (the drain); None: no such ioctl
+    resume_ms: float  # the resume ioctl (with one ioctl: the whole pause)
+    load_ms: float  # the new table's load, before the pause (not part of it)
+    connect_ms: float  # the new NBD connection, made before the load
+    started_at: float  # time.monotonic() when the pause began, to place it among other events
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,10 +94,15 @@ class KernelAttach:
         on_lost: Callable[[], None] | None = None,
         dm: DeviceMapper | None = None,
         device: Callable[..., KernelNBD] = KernelNBD,
+        swap: str = "one",
     ) -> None:
         """DM and DEVICE (how a connection is made, KernelNBD's signature) are there for the
-        tests of the ordering on a host without the kernel's device-mapper and NBD client."""
+        tests of the ordering on a host without the kernel's device-mapper and NBD client;
+        SWAP (one of SWAPS) for the benchmark's comparison of the two ways to swap."""
+        if swap not in SWAPS:
+            raise ValueError(f"swap: one of {', '.join(SWAPS)}, not {swap!r}")
         self.name, self.nbd_timeout, self.hold_time = name, nbd_timeout, hold_time
+        self.swap = swap
         self.on_lost = on_lost
         self.dm = dm if dm is not None else DeviceMapper()
         self._device = device
@@ -188,7 +208,7 @@ class KernelAttach:
                 swapped = True
                 self.paused = False
                 self._pauses += 1
-                switch = Switch(uri, generation, str(new.device), *times, connect_ms)
+                switch = Switch(uri, generation, str(new.device), connect_ms=connect_ms, **times)
                 self.switches.append(switch)
         finally:
             if not swapped:
@@ -227,22 +247,31 @@ class KernelAttach:
             self.dm.resume(self.name)
             self.paused = False
 
-    def _swap(self, new: KernelNBD) -> tuple[float, float, float, float]:
-        """Load the new table (inactive: I/O still flows), then suspend and resume, which swaps
-        it in; (pause, suspend, load, resume) in ms, the pause being suspend -> resume. A
-        failed suspend drops the loaded table; the device is resumed whatever happened."""
+    def _swap(self, new: KernelNBD) -> dict[str, Any]:
+        """Load the new table (inactive: I/O still flows), then swap it in: one resume ioctl
+        (the kernel suspends the running device inside it), or with SWAP "two" a suspend ioctl
+        first; a device already suspended gets the resume alone. Switch's timing fields. A
+        failed swap drops the loaded table and resumes the device on the old one, unless a
+        pause holds it (its limit, or the next repoint, resumes it)."""
         t0 = time.monotonic()
         self.dm.load(self.name, linear(new))
         t1 = time.monotonic()
+        two = self.swap == "two" and not self.paused
         try:
-            self.dm.suspend(self.name, lockfs=False)
+            if two:
+                self.dm.suspend(self.name, lockfs=False)
+            t2 = time.monotonic()
+            self.dm.resume(self.name, lockfs=False)
         except DMError:
-            self.dm.clear(self.name)
+            with contextlib.suppress(DMError):
+                self.dm.clear(self.name)
+                if not self.paused:
+                    self.dm.resume(self.name)
             raise
-        t2 = time.monotonic()
-        self.dm.resume(self.name)
         t3 = time.monotonic()
-        return (t3 - t1) * 1000, (t2 - t1) * 1000, (t1 - t0) * 1000, (t3 - t2) * 1000
+        return {"ioctls": 2 if two else 1, "pause_ms": (t3 - t1) * 1000,
+                "suspend_ms": (t2 - t1) * 1000 if two else None, "resume_ms": (t3 - t2) * 1000,
+                "load_ms": (t1 - t0) * 1000, "started_at": t1}  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         return {

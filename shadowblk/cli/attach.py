@@ -66,6 +66,15 @@ from shadowblk.manager.client import Client, ManagerError
     "(docs/attach.md).",
 )
 @click.option(
+    "--dm-swap",
+    type=click.Choice(["one", "two"]),
+    default="one",
+    show_default=True,
+    help="--dm: swap the table with one ioctl (a resume, in which the kernel suspends, swaps "
+    "and resumes) or with two (a suspend, then a resume: the device stays suspended while "
+    "this process is between them); `two` is there for tools/bench/dm_pause's comparison.",
+)
+@click.option(
     "--token-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -83,6 +92,7 @@ def command(
     control: str | None,
     hold_time: float,
     nbd_timeout: int,
+    dm_swap: str,
     token_file: Path | None,
 ) -> None:
     """Serve VOLUME over NBD at --listen, forwarding to --upstream or to the primary the
@@ -109,7 +119,7 @@ def command(
             raise click.BadParameter(str(exc), param_hint="--manager") from None
     if dm_name is not None:
         _kernel(dm_name, (nbd_timeout, hold_time), follower or (str(upstream), generation),
-                control_at)  # fmt: skip
+                control_at, dm_swap)  # fmt: skip
         return
     assert listen is not None
     where = parse_listen(listen)
@@ -136,14 +146,15 @@ def _kernel(
     times: tuple[int, float],
     upstream: tuple[str, int] | Follower,
     control: tuple[str, int] | None,
+    swap: str,
 ) -> None:
     """--dm: the device-mapper table swap instead of the userspace router; TIMES: the kernel
-    NBD client's timeout, the hold time of a lost connection."""
+    NBD client's timeout, the hold time of a lost connection; SWAP: --dm-swap."""
     from shadowblk.attach import kernel_service
     from shadowblk.attach.kernel import KernelAttach
 
     try:
-        attach = KernelAttach(name, *times)
+        attach = KernelAttach(name, *times, swap=swap)
         uvloop.run(kernel_service.run(attach, upstream, control))
     except (OSError, Refused) as exc:
         raise click.ClickException(str(exc)) from None

@@ -166,9 +166,14 @@ class DeviceMapper:
         flags = SUSPEND_FLAG | (0 if flush else NOFLUSH_FLAG) | (0 if lockfs else SKIP_LOCKFS_FLAG)
         self._call(DEV_SUSPEND, name, flags)
 
-    def resume(self, name: str) -> None:
-        """Resume NAME, swapping in its inactive table when one was loaded."""
-        self._call(DEV_SUSPEND, name)
+    def resume(self, name: str, flush: bool = True, lockfs: bool = True) -> None:
+        """Resume NAME, swapping in its inactive table when one was loaded. With a table loaded
+        and NAME running, the kernel suspends it first (do_resume in dm-ioctl.c, with FLUSH and
+        LOCKFS as `suspend` takes them), swaps and resumes, all in this one call: no gap in
+        which the caller, descheduled, keeps the device suspended. A failed suspend or swap
+        there leaves the loaded table dropped (or, on newer kernels, still loaded)."""
+        flags = (0 if flush else NOFLUSH_FLAG) | (0 if lockfs else SKIP_LOCKFS_FLAG)
+        self._call(DEV_SUSPEND, name, flags)
 
     def info(self, name: str) -> DeviceInfo:
         head, _ = self._call(DEV_STATUS, name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import pytest
 from shadowblk.attach import kernel
 from shadowblk.attach.kernel import KernelAttach
 from shadowblk.attach.router import Refused
-from shadowblk.kernel.dm import Target
+from shadowblk.kernel.dm import DMError, Target
 from shadowblk.nbd.backend import Backend
 from shadowblk.nbd.client import NBDClient
 from shadowblk.nbd.handshake import Export
@@ -28,10 +29,11 @@ SIZE = 1 << 20
 
 
 class Tables:
-    """The DeviceMapper calls, recorded."""
+    """The DeviceMapper calls, recorded; FAIL: the calls to refuse (as the kernel would)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: tuple[str, ...] = ()) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.fail = list(fail)
 
     def create(self, name: str, targets: list[Target]) -> None:
         self.calls.append(("create", targets[0].params))
@@ -41,12 +43,26 @@ class Tables:
 
     def suspend(self, name: str, lockfs: bool = True) -> None:
         self.calls.append(("suspend", name))
+        self._refuse("suspend")
 
-    def resume(self, name: str) -> None:
-        self.calls.append(("resume", name))
+    def resume(self, name: str, lockfs: bool = True) -> None:
+        """A resume that swaps a loaded table in suspends first, with LOCKFS (do_resume)."""
+        self.calls.append(("resume", name if lockfs else f"{name} skip-lockfs"))
+        self._refuse("resume")
+
+    def _refuse(self, call: str) -> None:
+        if self.fail and self.fail[0] == call:
+            self.fail.pop(0)
+            raise DMError(errno.EINTR, f"device-mapper: {call} interrupted")
 
     def clear(self, name: str) -> None:
         self.calls.append(("clear", name))
+
+    def remove(self, name: str) -> None:
+        self.calls.append(("remove", name))
+
+    def close(self) -> None:
+        """The control descriptor: none here."""
 
 
 class UserNBD:
@@ -182,8 +198,10 @@ def test_a_reconnect_that_hangs_holds_no_repoint_and_loses_to_a_newer_generation
         switch = await asyncio.wait_for(attach.repoint(servers[1].url, 2), 60)
         assert not reconnect.done()
         assert (attach.uri, attach.generation, attach.paused) == (servers[1].url, 2, False)
-        assert tables.calls[-3:] == [("load", f"{switch.device} 0"), ("suspend", "vm"),
-                                     ("resume", "vm")]  # fmt: skip
+        # suspended by the hold already: the resume alone swaps and lets the held I/O through
+        assert tables.calls[-3:] == [("suspend", "vm"), ("load", f"{switch.device} 0"),
+                                     ("resume", "vm skip-lockfs")]  # fmt: skip
+        assert switch.ioctls == 1 and switch.suspend_ms is None
         gate.open.set()
         with pytest.raises(Refused, match="older") as refused:
             await reconnect
@@ -225,3 +243,59 @@ def test_a_reconnect_to_an_endpoint_that_does_not_answer_gives_up_soon(
     finally:
         gate.close()
     assert made == [kernel.CONNECT_TIMEOUT_S, 0.2]
+
+
+@pytest.mark.parametrize(
+    ("swap", "calls"),
+    [("one", [("resume", "vm skip-lockfs")]),
+     ("two", [("suspend", "vm"), ("resume", "vm skip-lockfs")])],
+)  # fmt: skip
+def test_a_running_device_swaps_in_one_resume_ioctl_or_in_two(
+    servers: list[NBDServer], swap: str, calls: list[tuple[str, str]]
+) -> None:
+    """One ioctl: the resume, the kernel suspending the running device inside it (without the
+    freeze); "two": a suspend first. Either way the new table is loaded before the pause."""
+    tables = Tables()
+
+    async def scenario() -> None:
+        attach = KernelAttach("vm", dm=tables, device=UserNBD, swap=swap)  # type: ignore[arg-type]
+        await attach.open(servers[0].url, 1)
+        switch = await attach.repoint(servers[1].url, 2)
+        assert tables.calls[1:] == [("load", f"{switch.device} 0"), *calls]
+        assert switch.ioctls == len(calls) and (switch.suspend_ms is None) == (swap == "one")
+        assert (attach.uri, attach.generation, attach.paused) == (servers[1].url, 2, False)
+        attach.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fail", [("resume",), ("suspend",)])
+def test_a_failed_swap_drops_the_loaded_table_and_leaves_the_device_running(
+    servers: list[NBDServer], fail: tuple[str, ...]
+) -> None:
+    """The swap's ioctl fails (a signal in the kernel's suspend): the repoint is refused (502),
+    the loaded table is dropped, the device resumed on the old one, the new connection closed."""
+    swap = "one" if fail == ("resume",) else "two"
+    tables, made = Tables(fail), []
+
+    def device(*args: object) -> UserNBD:
+        made.append(UserNBD(*args))  # type: ignore[arg-type]
+        return made[-1]
+
+    async def scenario() -> None:
+        attach = KernelAttach("vm", dm=tables, device=device, swap=swap)  # type: ignore[arg-type]
+        await attach.open(servers[0].url, 1)
+        with pytest.raises(Refused, match="interrupted") as refused:
+            await attach.repoint(servers[1].url, 2)
+        assert refused.value.status == 502
+        assert tables.calls[-2:] == [("clear", "vm"), ("resume", "vm")]
+        assert (attach.uri, attach.generation, attach.paused) == (servers[0].url, 1, False)
+        assert attach.nbd is made[0] and made[0].connected and not made[1].connected
+        attach.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_unknown_swap_is_refused() -> None:
+    with pytest.raises(ValueError, match="one of one, two"):
+        KernelAttach("vm", dm=Tables(), swap="three")  # type: ignore[arg-type]

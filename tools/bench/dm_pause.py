@@ -1,24 +1,31 @@
 """The device-mapper table swap's pause against the userspace router's, many swaps in one guest.
 
-    python -m tools.bench.dm_pause [--rounds 10] [--settle 1.0] [--append ARGS] [--trace]
-        [--json] [--dir DIR] [--save DIR]
+    python -m tools.bench.dm_pause [--rounds 10] [--settle 1.0] [--swap both|one|two]
+        [--append ARGS] [--trace] [--json] [--dir DIR] [--save DIR]
 
-One kernel-lab guest (QEMU TCG, tools/kernel_lab) runs `shadowblk attach --dm` and the router
-(`attach --listen`, a kernel /dev/nbdN on it) over two exports of one file on the host: A
-(`shadowblk serve`) and B (`nbdkit file cache=none`). Each round repoints both, one after the
-other under the same QD1 O_DIRECT writer (tools/bench/dm_pause_guest.py), A->B then B->A, the
-path that goes first alternating. Per swap: the dm pause (suspend -> resume, and each part;
-the attach's own clock), the router's gate-closed time and pause, and the writer's slowest
-write around the swap, all taken in the guest. Reports medians and maxima, and the ratio of
-medians (issue 10's target: the dm pause <= 3x the router's); --json adds every swap. A swap
-whose writes failed fails the run, and the guest kernel's nbd/dm/I/O-error lines are printed.
+One kernel-lab guest (QEMU TCG, tools/kernel_lab) runs `shadowblk attach --dm` once per swap
+kind measured (--swap both, the default: `--dm-swap one`, the table swapped by one resume ioctl
+in which the kernel suspends, and `--dm-swap two`, a suspend ioctl then a resume ioctl) and the
+router (`attach --listen`, a kernel /dev/nbdN on it), all over two exports of one file on the
+host: A (`shadowblk serve`) and B (`nbdkit file cache=none`). Each round repoints every one of
+them in turn under the same QD1 O_DIRECT writer (tools/bench/dm_pause_guest.py), A->B then
+B->A, the path that goes first rotating. Per swap: the dm pause (first swap ioctl issued ->
+resume returned, the attach's own clock; with two ioctls each part), the router's
+gate-closed time and pause, and the writer's slowest write in flight during the pause itself
+(the VM-visible pause) and during the whole repoint call (which also connects and loads the
+table), all taken in the guest. Reports medians and maxima, and per dm swap kind the ratios of
+medians to the router's (issue 10's target: the dm pause <= 3x the router's); --json adds
+every swap. A swap whose writes failed fails the run, and the guest kernel's
+nbd/dm/I/O-error lines are printed.
 Guest kernel arguments go in with --append (`rcupdate.rcu_expedited=1`: the swap's SRCU/RCU
 grace periods go expedited).
 --trace records the kernel's own durations of the swap's steps (ftrace function_graph on a few
-dm, nbd and RCU functions, with absolute times, and the failed block requests) and reports them
-too; --save DIR keeps the guest's console and that trace. `--append loglevel=7` puts the
-kernel's info lines on the console (a write to a device with no capacity yet: "attempt to
-access beyond end of device"). A single boot takes a few minutes under TCG.
+dm, nbd and RCU functions, with absolute times on the guest's monotonic clock, and the failed
+block requests) and reports them per path whose pause they fell in; --save DIR keeps the
+guest's console, that trace and the attaches' stderr.
+`--append loglevel=7` puts the kernel's info lines on the console (a write to a device with no
+capacity yet: "attempt to access beyond end of device"). A single boot takes a few minutes
+under TCG.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pathlib import Path
 
 from tests.kernel.lab_run import switch_servers
 from tests.procs import Processes
+from tools.bench.dm_pause_guest import CONTROL
 from tools.bench.workdir import scratch
 from tools.kernel_lab import run_guest
 from tools.kernel_lab.initramfs import REPO
@@ -44,7 +52,7 @@ TRACED = ("dev_suspend", "dm_suspend", "dm_resume", "dm_swap_table", "dm_table_d
           "nbd_bdev_reset", "nbd_disconnect")  # fmt: skip
 
 GUEST_SCRIPT = """#!/bin/sh
-# the dm attach and the router, both on A, the driver, then both stopped (SIGTERM)
+# the dm attaches and the router, all on A, then the driver, which stops them (SIGTERM)
 set -eu
 sbk() { KLAB_CWD=$REPO klab-chroot .venv/bin/python -m shadowblk.cli "$@"; }
 if [ "$TRACE" = 1 ]; then
@@ -54,27 +62,41 @@ if [ "$TRACE" = 1 ]; then
     echo function_graph >$t/current_tracer
     echo 1 >$t/options/funcgraph-tail
     echo 1 >$t/options/funcgraph-abstime
+    echo mono >$t/trace_clock # the clock of time.monotonic(): calls placed in a swap's pause
     echo 4096 >$t/buffer_size_kb
     # failed requests, with the time they failed at
     echo 'error != 0' >$t/events/block/block_rq_complete/filter
     echo 1 >$t/events/block/block_rq_complete/enable
 fi
-sbk attach vol --dm vm-vol --upstream "$A" --control 127.0.0.1:7001 >/out/dm.out 2>/out/dm.err &
-dm=$!
-sbk attach vol --listen 127.0.0.1:7010 --upstream "$A" --control 127.0.0.1:7002 \\
-    >/out/router.out 2>/out/router.err &
-router=$!
-trap 'kill $dm $router 2>/dev/null || true' EXIT
+pids=""
+{attaches}
+trap 'kill $pids 2>/dev/null || true' EXIT
 KLAB_CWD=$REPO klab-chroot .venv/bin/python -m tools.bench.dm_pause_guest /mnt "$A" "$B" \\
-    "$ROUNDS" "$SETTLE"
-kill $dm $router
-wait $dm && wait $router
+    "$ROUNDS" "$SETTLE" "$PATHS"
+for pid in $pids; do wait $pid; done # the driver stopped them (SIGTERM): they must exit cleanly
 if [ "$TRACE" = 1 ]; then echo 0 >$t/tracing_on; cat $t/trace >/out/trace.txt; fi
 """
 
-# function_graph with funcgraph-tail: "0) + 12.345 us | } /* dm_swap_table [dm_mod] */" or a
-# leaf "0)   3.456 us | dm_kobject_uevent [dm_mod]();"
-TRACE_LINE = re.compile(r"([\d.]+) us\s*\|\s*(?:\}\s*/\*\s*(\w+)|(\w+)(?: \[\w+\])?\(\);)")
+SWAPS = {"both": ("one", "two"), "one": ("one",), "two": ("two",)}
+
+
+def attaches(swaps: tuple[str, ...]) -> str:
+    """The guest script's lines that start one `attach --dm` per swap kind, then the router."""
+    started = [(f"dm-{swap}", f"--dm vm-{swap} --dm-swap {swap}") for swap in swaps]
+    started.append(("router", "--listen 127.0.0.1:7010"))
+    return "\n".join(
+        f'sbk attach vol {how} --upstream "$A" --control {CONTROL[path]} '
+        f'>/out/{path}.out 2>/out/{path}.err &\npids="$pids $!"'
+        for path, how in started
+    )
+
+
+# function_graph with funcgraph-abstime and -tail: "  177.2 |  0) + 12.345 us | } /*
+# dm_swap_table [dm_mod] */" or a leaf "  177.2 |  0)   3.456 us | dm_kobject_uevent [dm_mod]();"
+# (the time stamp: the call's return)
+TRACE_LINE = re.compile(
+    r"^\s*([\d.]+) \|.*?([\d.]+) us\s*\|\s*(?:\}\s*/\*\s*(\w+)|(\w+)(?: \[\w+\])?\(\);)"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,6 +104,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])  # fmt: skip
     parser.add_argument("--rounds", type=int, default=10, help="swaps per path (default 10)")
+    parser.add_argument(
+        "--swap",
+        choices=tuple(SWAPS),
+        default="both",
+        help="the dm swap kinds measured beside the router: one (a resume ioctl), two (suspend "
+        "and resume ioctls), both (interleaved in the same boot; the default)",
+    )
     parser.add_argument(
         "--settle",
         type=float,
@@ -118,26 +147,30 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[dict], str]:
     procs = Processes(work)
     try:
         a, b = switch_servers(procs, image)
+        kinds = SWAPS[args.swap]
         env = {"A": f"nbd://10.0.2.2:{a}/vol", "B": f"nbd://10.0.2.2:{b}/vol",
                "ROUNDS": str(args.rounds), "SETTLE": str(args.settle), "REPO": str(REPO),
-               "TRACE": "1" if args.trace else "0", "TRACED": " ".join(TRACED)}  # fmt: skip
-        result = run_guest(GUEST_SCRIPT, [], args.timeout, work / "out", host_ports={},
+               "TRACE": "1" if args.trace else "0", "TRACED": " ".join(TRACED),
+               "PATHS": ",".join([f"dm-{kind}" for kind in kinds] + ["router"])}  # fmt: skip
+        script = GUEST_SCRIPT.replace("{attaches}", attaches(kinds))
+        result = run_guest(script, [], args.timeout, work / "out", host_ports={},
                            env=env, host_root=True, append=args.append)  # fmt: skip
     finally:
         procs.stop_all()
-    swaps = work / "out" / "swaps.json"
-    rows = json.loads(swaps.read_text()) if swaps.exists() else []
+    out = work / "out"
+    if args.save:  # also when the guest script failed
+        args.save.mkdir(parents=True, exist_ok=True)
+        (args.save / "console.log").write_text(result.console)
+        for kept in [out / "trace.txt", *out.glob("*.err")]:
+            if kept.exists():
+                (args.save / kept.name).write_text(kept.read_text())
+    rows = json.loads((out / "swaps.json").read_text()) if (out / "swaps.json").exists() else []
     result.check()
     if any(r["errors"] or r["bad_blocks"] for r in rows):  # the guest kernel's word on them
         kernel = re.compile(r"nbd|device-mapper|I/O error|blk_")
         lines = [line for line in result.console.splitlines() if kernel.search(line)]
         print("\n".join(lines), file=sys.stderr)
-    trace = work / "out" / "trace.txt"
-    if args.save:
-        args.save.mkdir(parents=True, exist_ok=True)
-        (args.save / "console.log").write_text(result.console)
-        if trace.exists():
-            (args.save / "trace.txt").write_text(trace.read_text())
+    trace = out / "trace.txt"
     return rows, trace.read_text() if trace.exists() else ""
 
 
@@ -145,38 +178,52 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
 
-def trace_stats(text: str) -> dict[str, dict[str, float]]:
-    """Each traced function's call count and median/max duration (ms) in the guest."""
-    calls: dict[str, list[float]] = {}
+def trace_stats(text: str, rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each traced function's call count and median/max duration (ms) in the guest, per path
+    whose pause the call started in ("elsewhere": outside every pause)."""
+    calls: dict[str, dict[str, list[float]]] = {}
     for line in text.splitlines():
         match = TRACE_LINE.search(line)
         if match:
-            calls.setdefault(match[2] or match[3], []).append(float(match[1]) / 1000)
-    return {name: {"calls": len(v), **stats(v)} for name, v in sorted(calls.items())}
+            ms = float(match[2]) / 1000
+            start = float(match[1]) - ms / 1000
+            within = (r["path"] for r in rows if r["window"][0] - 0.001 <= start <= r["window"][1])
+            path = next(within, "elsewhere")
+            calls.setdefault(path, {}).setdefault(match[3] or match[4], []).append(ms)
+    return {path: {name: {"calls": len(v), **stats(v)} for name, v in sorted(funcs.items())}
+            for path, funcs in sorted(calls.items())}  # fmt: skip
+
+
+WRITER = ("writer_max_in_pause_ms", "writer_max_ms", "writer_median_ms")
+FIELDS = {"dm": ("pause_ms", "suspend_ms", "resume_ms", "load_ms", "connect_ms", *WRITER),
+          "router": ("gate_closed_ms", "pause_ms", "drain_ms", "connect_ms", *WRITER)}  # fmt: skip
+# what each dm kind is set against the router by: (dm figure, router figure), medians
+RATIOS = {"pause": ("pause_ms", "gate_closed_ms"),
+          "writer_max_in_pause": ("writer_max_in_pause_ms", "writer_max_in_pause_ms"),
+          "writer_max_around_call": ("writer_max_ms", "writer_max_ms")}  # fmt: skip
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
 
 
 def report(rows: list[dict], args: argparse.Namespace, load: tuple, trace: str) -> dict:
-    by = {p: [r for r in rows if r["path"] == p] for p in ("dm", "router")}
-    fields = {"dm": ("suspend_ms", "resume_ms", "pause_ms", "load_ms", "connect_ms",
-                     "writer_max_ms", "writer_median_ms"),
-              "router": ("gate_closed_ms", "pause_ms", "drain_ms", "connect_ms",
-                         "writer_max_ms", "writer_median_ms")}  # fmt: skip
     out: dict = {"append": args.append, "rounds": args.rounds, "settle_s": args.settle,
-                 "load_before": load[0], "load_after": load[1]}  # fmt: skip
-    for path, keys in fields.items():
-        columns = {k: [r[k] for r in by[path] if k in r] for k in keys}
+                 "swap": args.swap, "load_before": load[0], "load_after": load[1]}  # fmt: skip
+    paths = [f"dm-{swap}" for swap in SWAPS[args.swap]] + ["router"]
+    for path in paths:
+        keys = FIELDS["router" if path == "router" else "dm"]
+        columns = {k: [r[k] for r in rows if r["path"] == path and k in r] for k in keys}
         out[path] = {k: stats(v) for k, v in columns.items() if v}  # the attach's own fields
-    dm, router = out["dm"], out["router"]
-    gate = router["gate_closed_ms"]["median"]
-    out["ratio_dm_pause_to_router_gate"] = (
-        round(dm["pause_ms"]["median"] / gate, 2) if gate else None
-    )
-    out["ratio_writer_max_dm_to_router"] = round(
-        dm["writer_max_ms"]["median"] / router["writer_max_ms"]["median"], 2
-    )
+    router = out["router"]
+    out["ratios_to_router"] = {
+        path: {name: ratio(out[path][dm]["median"], router[rt]["median"])
+               for name, (dm, rt) in RATIOS.items()}
+        for path in paths[:-1]
+    }  # fmt: skip
     out["failures"] = [r for r in rows if r["errors"] or r["bad_blocks"]]
     if trace:
-        out["kernel_ms"] = trace_stats(trace)
+        out["kernel_ms"] = trace_stats(trace, rows)
     out["swaps"] = rows
     return out
 
@@ -184,15 +231,18 @@ def report(rows: list[dict], args: argparse.Namespace, load: tuple, trace: str) 
 def show(rep: dict) -> None:
     print(f"guest kernel args: {rep['append'] or '(stock)'}; {rep['rounds']} swaps per path; "
           f"load average {rep['load_before']} -> {rep['load_after']}")  # fmt: skip
-    for path in ("dm", "router"):
+    for path in [*rep["ratios_to_router"], "router"]:
         for key, s in rep[path].items():
-            print(f"  {path:6} {key:18} median {s['median']:8.1f}  max {s['max']:8.1f}")
-    print(f"  ratio of medians: dm suspend->resume / router gate-closed = "
-          f"{rep['ratio_dm_pause_to_router_gate']}; writer max dm / router = "
-          f"{rep['ratio_writer_max_dm_to_router']}")  # fmt: skip
-    for name, s in rep.get("kernel_ms", {}).items():
-        print(f"  kernel {name:26} calls {s['calls']:4}  median {s['median']:7.1f}  "
-              f"max {s['max']:7.1f} ms")  # fmt: skip
+            print(f"  {path:7} {key:23} median {s['median']:8.1f}  max {s['max']:8.1f}")
+    for path, ratios in rep["ratios_to_router"].items():
+        print(f"  ratio of medians, {path} / router: pause (dm swap ioctls / router gate-closed) "
+              f"{ratios['pause']}; writer's slowest write in the pause "
+              f"{ratios['writer_max_in_pause']}, around the repoint call "
+              f"{ratios['writer_max_around_call']}")  # fmt: skip
+    for path, funcs in rep.get("kernel_ms", {}).items():
+        for name, s in funcs.items():
+            print(f"  kernel {path:9} {name:26} calls {s['calls']:4}  median {s['median']:7.2f}"
+                  f"  max {s['max']:7.2f} ms")  # fmt: skip
     for row in rep["failures"]:
         print(f"  FAILED: {row}")
 

@@ -23,7 +23,7 @@ BENCHMARKS = [
     "tools.bench.switchover_pause",
     "tools.bench.resync",
     "tools.bench.sync_latency",
-    "tools.bench.dm_pause",  # a QEMU TCG guest: 3-5 minutes
+    "tools.bench.dm_pause",  # a QEMU TCG guest: 5-10 minutes
 ]
 
 
