@@ -8,6 +8,8 @@ heartbeat while the VM's I/O is held, so the manager calls these at once:
     POST /v1/volumes/NAME/hold     {"seconds": S}      -> the shadow server refuses NAME for
                                                           up to S s while it changes role (0: end)
     POST /v1/volumes/NAME/prepare  {"volume": {...}}   -> a standby `serve` on the shadow
+    POST /v1/volumes/NAME/prime    {"wait": S}         -> the shadow server checkpointed NAME
+                                                          (answered within S s: "checkpointed")
     POST /v1/volumes/NAME/promote  {"volume": {...}}   -> endpoint, epoch, steps_ms (NAME held
                                                           by the shadow server until `hold` 0)
     POST /v1/volumes/NAME/demote   {"volume": {...}}   -> "resync" or "full-sync"
@@ -52,7 +54,7 @@ from shadowblk.agent.udev_watch import PREFIX, DeviceEvent
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
-CALLS = "drain|fence|hold|prepare|promote|demote|dirty|crcs|blocks|repair|discrepancies|scrub"
+CALLS = "drain|fence|hold|prepare|prime|promote|demote|dirty|crcs|blocks|repair|discrepancies|scrub"
 PATH = re.compile(rf"^/v1/volumes/([A-Za-z0-9][A-Za-z0-9._-]{{0,62}})/({CALLS})$")
 DEVICES = "/v1/devices"
 DEVICE_NAME = re.compile(rf"^{PREFIX}[A-Za-z0-9][A-Za-z0-9._-]{{0,62}}$")
@@ -81,6 +83,7 @@ def actions(hosting: Hosting) -> dict[str, Callable[[str, dict[str, Any]], Any]]
             hosting.hold(name, float(body.get("seconds", 60.0))) or {"ok": True}
         ),
         "prepare": lambda name, body: hosting.prepare(name, _volume(body)) or {"ok": True},
+        "prime": lambda name, body: hosting.prime(name, float(body.get("wait", 5.0))),
         "promote": lambda name, body: hosting.promote(name, _volume(body)),
         "demote": lambda name, body: {"resync": hosting.demote(name, _volume(body))},
         "dirty": lambda name, body: dirty_check.primary_dirty(

@@ -268,6 +268,22 @@ class RoleChanges:
                     raise switch.SwitchError(f"{name}: the standby `serve` did not start") from None
                 time.sleep(0.01)
 
+    def prime(self, name: str, wait_s: float) -> dict[str, Any]:
+        """Have the shadow server checkpoint NAME now, at its next epoch boundary, and answer
+        once it did (at most WAIT_S): called once the drain before the pause caught up, so the
+        checkpoint of the promotion's hand-over (`release`, in the VM's pause) syncs only what
+        was applied since (the last drain round and the final epoch), not every epoch since
+        `prepare`. A checkpoint only makes the image durable at an epoch boundary (the shadow's
+        own rule, I1); it changes no content, and no acknowledgement depends on it (I2: a
+        `sync` epoch is acknowledged once in the journal), so it may come earlier."""
+        with self.lock:
+            rec = self.volumes.get(name)
+            if rec is None or rec["role"] != "shadow":
+                raise switch.SwitchError(f"{name}: no shadow of it here")
+        cmd = {"op": "prime", "volume": name, "seconds": PRIME_S, "wait": wait_s}
+        answer = self._shadow_call(cmd)
+        return {"checkpointed": bool(answer and answer.get("checkpointed"))}
+
     def promote(self, name: str, volume: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         """Make the shadow of NAME its primary at VOLUME's generation; its endpoint, epoch and
         the milliseconds of each step. The shadow server hands NAME over (it finishes and
@@ -317,8 +333,10 @@ class RoleChanges:
         steps.mark("recover_ms")
         child = self.standby.get(name)
         waiting = child is not None and child.proc is not None and child.proc.poll() is None
-        epoch = switch.take_shadow(  # a waiting standby opened its tracking state already
-            self.shadows_dir, self.primaries_dir, name, addresses, keep_tracking=waiting
+        # a waiting standby opened its tracking state already; the replication state's syncs
+        # are made while it opens the volume (switch.settle)
+        epoch = switch.take_shadow(
+            self.shadows_dir, self.primaries_dir, name, addresses, waiting, not waiting
         )
         self.standby.pop(name, None)  # only now: a failed take leaves it where stop finds it
         steps.mark("take_ms")
@@ -328,7 +346,10 @@ class RoleChanges:
             child.name = f"primary {name}"
             child.argv = lambda: self._serve_argv(name, self.volumes[name])
             go = {"op": "go", "lease": self.lease_left(name)}
-            fence.command(control_socket(self.primaries_dir, name), go)
+            try:
+                fence.command(control_socket(self.primaries_dir, name), go)
+            finally:  # before `promote` answers: no write reaches the new primary before it
+                switch.settle(self.shadows_dir, self.primaries_dir, name)
             self._leased[name] = self.leases[name]
         else:
             if child is not None:

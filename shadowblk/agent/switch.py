@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from shadowblk.delta.applier import ShadowVolume
+from shadowblk.delta.journal import fsync_dir, last_commit, older_format
 from shadowblk.delta.primary_state import shadow_name, write_json
 from shadowblk.delta.volume_state import StateFileError, VolumeState
 from shadowblk.tracking.bitmap import BitmapCorruptError, DirtyBitmap
@@ -57,10 +58,15 @@ def _clear(state_dir: Path, keep_tracking: bool) -> None:
 
 
 def take_shadow(
-    shadows: Path, primaries: Path, name: str, addresses: list[str], keep_tracking: bool = False
+    shadows: Path,
+    primaries: Path,
+    name: str,
+    addresses: list[str],
+    keep_tracking: bool = False,
+    durable: bool = True,
 ) -> int:
     """Make shadows/NAME the primaries/NAME image with its replication state; its epoch
-    (KEEP_TRACKING: see _clear)."""
+    (KEEP_TRACKING: see _clear). Not DURABLE: the caller calls `settle` later (see there)."""
     try:
         state = VolumeState.load(shadows / f"{name}.state")
     except StateFileError as exc:
@@ -81,15 +87,40 @@ def take_shadow(
         write_json(Path(f"{base}.json"), {"acked": epoch}, durable=False)
         Path(f"{base}.al").touch()  # the empty activity log, made durable by the folder's sync
         # below (else `serve` creates it with two syncs of its own, in the pause)
-    # durable (a torn one would keep `serve` from starting): its file's and its folder's syncs
-    write_json(replication / "replicator.json", {**identity, "reserved": epoch + 1})
+    # made durable by `settle` (a torn one would keep `serve` from starting): here, or after `go`
+    write_json(replication / "replicator.json", {**identity, "reserved": epoch + 1}, False)
     with contextlib.suppress(FileNotFoundError):  # the shadow server let go of it
         os.replace(shadows / f"{name}.map", state_dir / "checksums.map")
     os.replace(shadows / f"{name}.img", primaries / f"{name}.img")
-    for suffix in (".state", ".journal"):
-        (shadows / f"{name}{suffix}").unlink(missing_ok=True)
+    (shadows / f"{name}.state").unlink(missing_ok=True)  # now: a shadow server (re)starting
+    # would load it
+    if durable:
+        settle(shadows, primaries, name)
     log.info("%s: shadow at epoch %d is now the primary's image", name, epoch)
     return epoch
+
+
+def settle(shadows: Path, primaries: Path, name: str) -> None:
+    """What `take_shadow(durable=False)` leaves for after `go`, so that its syncs overlap the
+    standby's opening of the volume instead of coming before it: replicator.json and its
+    folder synced (the per-shadow records' and activity logs' entries with it), the shadow's
+    journal removed (freeing its blocks takes a while; without the state file, which is gone,
+    nothing reads it, and a shadow created again removes a leftover). Safe because nothing can
+    write to the new primary before the promotion answers: `attach` repoints only then, and
+    the manager only after `promote` returned, which waits for this (I2: every acknowledged
+    write is on the image, made durable by the hand-over's checkpoint). A crash before it:
+    `serve` read the file already and reserves its epochs durably before the first one; a
+    power loss may leave the file missing (`serve` then numbers from 1 and skips past what
+    each shadow applied, with full syncs as the records are not durable either) or torn (the
+    case the sync is for: no worse than a crash in `take_shadow` before)."""
+    replication = primaries / f"{name}.state" / "replication"
+    fd = os.open(replication / "replicator.json", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(replication)
+    (shadows / f"{name}.journal").unlink(missing_ok=True)
 
 
 def give_back(primaries: Path, shadows: Path, name: str, new_primary: str, generation: int) -> str:
@@ -125,11 +156,23 @@ def give_back(primaries: Path, shadows: Path, name: str, new_primary: str, gener
 
 def recover(shadows: Path, name: str) -> None:
     """Finish an epoch the stopped shadow server had committed but not applied (or drop an
-    incomplete one), as its own start would."""
+    incomplete one), as its own start would. A journal that commits nothing past the state
+    (the shadow server's hand-over checkpointed) is left as it is: its records are ignored at
+    any later load, and `take_shadow` removes it (not reset first: a direct write in the VM's
+    pause)."""
     try:
-        ShadowVolume(shadows, VolumeState.load(shadows / f"{name}.state")).recover()
+        state = VolumeState.load(shadows / f"{name}.state")
     except StateFileError as exc:
         raise SwitchError(f"{name}: no shadow state to promote ({exc})") from None
+    journal = shadows / f"{name}.journal"
+    if not older_format(journal):  # an older one: ShadowVolume.recover says what to do
+        found = last_commit(journal)
+        if found is None or found[0] <= state.last_applied:
+            return
+    try:
+        ShadowVolume(shadows, state).recover()
+    except StateFileError as exc:
+        raise SwitchError(f"{name}: cannot promote ({exc})") from None
 
 
 def shadow_epoch(shadows: Path, name: str) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import struct
@@ -29,6 +30,8 @@ import crc32c
 
 from shadowblk.delta.journal import fsync_dir
 from shadowblk.tracking.bitmap import BitmapCorruptError, DirtyBitmap
+
+log = logging.getLogger(__name__)
 
 EPOCH_RESERVATION = 1 << 16  # numbers reserved per write of replicator.json (3 syncs)
 CHUNK = 4 << 20  # granularity of the persisted superset (as the tracker's regions)
@@ -78,7 +81,13 @@ def claim(state_dir: Path) -> int:
 
 
 class EpochCounter:
-    """Monotonic epoch numbers that survive restarts."""
+    """Monotonic epoch numbers that survive restarts.
+
+    A number is handed out only once a durable reservation beyond it is on disk: a restart
+    (even after kill -9) then starts from a number no earlier process used. The start's
+    reservation is written by a thread, not before `serve` answers (its two syncs were in a
+    promoted primary's `go` -> ready, the VM's pause); `take` waits for it, so a crash before
+    it is durable restarts from the same base, having handed nothing out."""
 
     def __init__(self, state_dir: Path, volume_id: str, size: int, block_size: int) -> None:
         self.path = state_dir / "replicator.json"
@@ -94,22 +103,40 @@ class EpochCounter:
             if found != self.identity:
                 raise PrimaryStateError(f"{self.path} belongs to {found}, not {self.identity}")
         self.next = reserved
-        self.reserved = reserved
-        self._reserve(self.next)
+        self.reserved = reserved  # durable: numbers below it may have been handed out before
+        self._starting: threading.Thread | None = threading.Thread(
+            target=self._reserve_at_start, name="epoch-reservation", daemon=True
+        )
+        self._starting.start()
+
+    def _reserve_at_start(self) -> None:
+        try:
+            self._reserve(self.next)
+        except OSError as exc:  # `take` tries again, and raises
+            log.warning("%s: epoch reservation not written yet: %s", self.path, exc)
+
+    def _settle(self) -> None:
+        """Wait for the start's reservation (once)."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
 
     def _reserve(self, upto: int) -> None:
-        self.reserved = upto + EPOCH_RESERVATION
-        write_json(self.path, {**self.identity, "reserved": self.reserved})
+        reserved = upto + EPOCH_RESERVATION
+        write_json(self.path, {**self.identity, "reserved": reserved})
+        self.reserved = reserved  # only once durable
 
     def take(self) -> int:
-        number = self.next
-        self.next += 1
+        self._settle()
         if self.next >= self.reserved:
             self._reserve(self.next)
+        number = self.next
+        self.next += 1
         return number
 
     def skip_past(self, epoch: int) -> None:
         """A shadow has applied EPOCH (state lost here): continue numbering after it."""
+        self._settle()  # one writer of the file at a time, the later reservation last
         if epoch >= self.next:
             self.next = epoch + 1
             self._reserve(self.next)

@@ -42,6 +42,7 @@ AGENT_TIMEOUT_S = 60.0
 ATTACH_TIMEOUT_S = 15.0
 PAUSE_LIMIT_S = 10.0  # a router reopens its gate by itself if the switchover dies mid-way
 HOLD_S = 120.0  # the longest the old primary's shadow server waits for the demotion
+PRIME_WAIT_S = 5.0  # the target's checkpoint before the pause (at its next epoch boundary)
 
 
 class StepFailed(Exception):
@@ -140,9 +141,13 @@ class Switchovers:
                 await self._agent(plan["from_control"], name, "hold", {"seconds": HOLD_S})
             except StepFailed as err:
                 log.warning("%s: %s: the old primary may need a full sync", name, err)
-            if early.compared:  # what was written meanwhile ships before the pause too
-                drained = await self._drain(plan, name)
             t.mark("precompare_ms")
+            # the target's shadow server checkpoints now, writes still flowing, so that its
+            # hand-over in the pause syncs only the last moments (RoleChanges.prime); then what
+            # was written meanwhile ships before the pause too
+            await self._prime(plan["to_control"], name)
+            drained = await self._drain(plan, name)
+            t.mark("prime_ms")
             urls = volume.get("attachments", [])
             paused = await self._each_attach(name, urls, "pause", {"limit_s": PAUSE_LIMIT_S})
             t.mark("gate_ms")
@@ -254,6 +259,17 @@ class Switchovers:
             if wait > 0:
                 await asyncio.sleep(wait)
             return {"drained": False, "fence": f"lease ran out ({err})"}
+
+    async def _prime(self, address: str, name: str) -> None:
+        """The target's shadow server checkpoints NAME (at most PRIME_WAIT_S); if it does not,
+        the hand-over in the pause syncs more, nothing else changes."""
+        try:
+            primed = await self._agent(address, name, "prime", {"wait": PRIME_WAIT_S})
+        except StepFailed as err:
+            log.warning("%s: the target was not checkpointed before the pause: %s", name, err)
+            return
+        if not primed.get("checkpointed"):
+            log.info("%s: the target's checkpoint took over %.0f s", name, PRIME_WAIT_S)
 
     async def _prepare(self, address: str, name: str, after: dict[str, Any]) -> None:
         """A standby `serve` on the target, so that the promotion only opens the volume; if it

@@ -5,7 +5,8 @@
 What the target agent does in the VM's pause after the shadow server let go of the volume
 (docs/switchover.md, `promote`): `switch.recover`, `switch.take_shadow` (the shadow's files
 become the primary's, with its replication state), then `go` to a waiting standby `serve
---standby`, which opens the volume and prints its ready line. A 256 MiB shadow (state at epoch
+--standby`, which opens the volume and prints its ready line, while `switch.settle` syncs the
+replication state (counted in `go`). A 256 MiB shadow (state at epoch
 7, its checksum map) is made in DIR, a real standby `serve` started (its shadows unreachable:
 only its start is measured), and the promotion run ROUNDS times, timed (median / max of each
 step). One more round runs under `strace -f` and counts the fsync, fdatasync and syncfs calls
@@ -81,10 +82,11 @@ def once(root: Path, shadows: int) -> dict[str, float]:
         switch.recover(sh, "v1")
         marks.append(time.monotonic())
         (root / "mark-take").touch()
-        switch.take_shadow(sh, pr, "v1", addresses, keep_tracking=True)
+        switch.take_shadow(sh, pr, "v1", addresses, keep_tracking=True, durable=False)
         marks.append(time.monotonic())
         (root / "mark-go").touch()
         _command(ctl, {"op": "go", "lease": 30})
+        switch.settle(sh, pr, "v1")  # as the agent: while the standby opens the volume
         marks.append(time.monotonic())
         (root / "mark-ready").touch()
         if not (proc.stdout.readline() if proc.stdout else "").startswith("ready "):
