@@ -6,7 +6,9 @@ in-flight ones to drain, swaps, and opens the gate again. A request whose upstre
 mid-flight is held (the gate closes by itself) and retried on the next upstream once a repoint
 opens the gate; only a request held longer than the hold time gets EIO. Writes re-issued on the
 new primary are safe (a block write is idempotent), and every retry goes to the upstream current
-at that moment, so a READ after a repoint is always answered by the new primary.
+at that moment, so a READ after a repoint is always answered by the new primary. After a lost
+upstream the writes answered since the last FLUSH are replayed on the new one with the gate
+already open; a request that could see or undo one not yet replayed waits for it (replay.py).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from shadowblk.attach.unflushed import Unflushed, batches
+from shadowblk.attach.replay import Replay, plan
+from shadowblk.attach.unflushed import Unflushed
 from shadowblk.attach.upstream import LOST, Done, Target, Upstream, UpstreamError
 from shadowblk.nbd import protocol as P
 
 log = logging.getLogger(__name__)
 
 WRITES = (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM)
+PLAN_AFTER_S = 0.05  # after the upstream was lost: plan the replay (an emergency lasts seconds)
 
 # transmission flags the router can pass on to its clients (no DF: no structured replies)
 PASSED_FLAGS = (
@@ -59,6 +63,9 @@ class Repoint:
     drain_ms: float  # gate closed -> in-flight requests finished
     connect_ms: float  # connect and handshake with the new upstream (before the gate closes)
     queued: int  # requests that waited at the gate
+    closed_at: float  # time.monotonic() when the gate closed, to place it among other events
+    replay_writes: int = 0  # unflushed writes to replay, replayed after the gate opened
+    replay_ms: float | None = None  # gate opened -> replay done (None: not yet, or none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +98,10 @@ class Router:
         self._pauses = 0  # the latest pause's number: only it may reopen the gate by itself
         self.unflushed = Unflushed()
         self._lost = False  # an upstream was lost: replay the unflushed writes on the next
+        self._replay: Replay | None = None  # running on the current upstream, gate open
+        self._planned: tuple[tuple[int, int, int], Any] | None = None  # (log version, plan)
         self.replayed = 0
+        self.replay_waits = 0  # client requests that waited for a block being replayed
 
     @property
     def paused(self) -> bool:
@@ -118,6 +128,10 @@ class Router:
         self.requests += 1
         up = self.upstream
         if not self._open.is_set() or up is None:
+            self._spawn(self._held(cmd, flags, offset, length, payload, done, None))
+            return
+        replaying = self._replay
+        if replaying is not None and replaying.blocks(cmd, offset, length):
             self._spawn(self._held(cmd, flags, offset, length, payload, done, None))
             return
         if flags & P.CMD_FLAG_FAST_ZERO and not up.flags & P.TFLAG_SEND_FAST_ZERO:
@@ -168,7 +182,8 @@ class Router:
         done: Done,
         deadline: float | None,
     ) -> None:
-        """The slow path: wait for the gate (up to the hold time), then retry until answered."""
+        """The slow path: wait for the gate (up to the hold time) and for the replay of the
+        blocks it touches, then retry until answered."""
         while True:
             if not self._open.is_set():
                 now = time.monotonic()
@@ -179,6 +194,11 @@ class Router:
                     log.warning("request held %.1fs without an upstream: EIO", self.hold_time)
                     done(P.EIO, b"")
                     return
+            replaying = self._replay
+            if replaying is not None and replaying.blocks(cmd, offset, length):
+                self.replay_waits += 1
+                await replaying.cleared(cmd, offset, length)
+                continue  # the gate again: the replay may have stopped with the upstream lost
             up = self.upstream
             assert up is not None
             if flags & P.CMD_FLAG_FAST_ZERO and not up.flags & P.TFLAG_SEND_FAST_ZERO:
@@ -211,20 +231,31 @@ class Router:
         elif cmd == P.CMD_FLUSH:
             self.unflushed.flush_done(mark)
 
-    async def _replay(self, up: Upstream) -> None:
-        """After a lost upstream: the writes answered since the last FLUSH, on UP, in order
-        where it matters: pipelined in batches of writes that do not overlap (unflushed.py)."""
+    def _start_replay(self, up: Upstream) -> Replay:
+        """After a lost upstream: the writes answered since the last FLUSH go to UP, the
+        current upstream, beside the clients' requests (replay.py says why that is safe)."""
         if self.unflushed.overflowed_at:
             log.error("failover with more unflushed writes than kept: some may be lost")
-        for batch in batches(self.unflushed.writes):
-            results = await asyncio.gather(
-                *(up.call(w.cmd, w.flags, w.offset, w.length, w.payload) for w in batch)
-            )
-            for w, (error, _) in zip(batch, results, strict=True):
-                if error:
-                    log.error("replaying a write at %d on %s: error %d", w.offset, up.target,
-                              error)  # fmt: skip
-            self.replayed += len(batch)
+        ahead, self._planned = self._planned, None
+        ready = ahead[1] if ahead and ahead[0] == self.unflushed.version() else None
+        replaying = Replay(list(self.unflushed.writes), up, self._upstream_lost, ready)
+        self._replay = replaying
+        replaying.task.add_done_callback(lambda _: self._replay_ended(replaying))
+        return replaying
+
+    def _replay_ended(self, replaying: Replay) -> None:
+        self.replayed += replaying.completed
+        if self._replay is replaying:
+            self._replay = None
+        if self.last is not None and self.last.replay_writes and self.last.replay_ms is None:
+            self.last.replay_ms = replaying.ms
+
+    async def _settle_replay(self) -> None:
+        """Before a pause or a repoint: let a running replay finish (its writes are in-flight
+        requests too), up to the drain timeout."""
+        replaying = self._replay
+        if replaying is not None:
+            await asyncio.wait({replaying.task}, timeout=self.drain_timeout)
 
     async def _wait_open(self, timeout: float) -> bool:
         if self._first_queued is None:
@@ -244,6 +275,14 @@ class Router:
         if up is self.upstream and self._open.is_set():
             log.warning("upstream lost, holding requests for up to %.0fs: %s", self.hold_time, why)
             self._open.clear()
+            # the requests in flight complete (LOST) first; a log changed since is planned again
+            asyncio.get_running_loop().call_later(PLAN_AFTER_S, self._plan_ahead)
+
+    def _plan_ahead(self) -> None:
+        """Plan the replay while the gate is closed and no new primary is known yet (the
+        repoint then only checks that the log did not change)."""
+        if not self._open.is_set() and self.unflushed.writes:
+            self._planned = (self.unflushed.version(), plan(self.unflushed.writes))
 
     async def _watch(self, up: Upstream) -> None:
         """Close the gate as soon as the current upstream drops, even with nothing in flight."""
@@ -264,9 +303,11 @@ class Router:
                     409, f"generation {generation} is older than the current {self.generation}"
                 )
             try:
-                Target.parse(uri)
+                target = Target.parse(uri)
             except UpstreamError as exc:
                 raise Refused(422, str(exc)) from None
+            if self._already(target, generation) and not replay and self.last is not None:
+                return self.last  # the follower and the manager's push both bring it
             started = time.monotonic()
             try:
                 new = await Upstream.connect(uri)
@@ -285,15 +326,21 @@ class Router:
                     "in-flight requests did not drain in %.1fs: retried on the new upstream",
                     self.drain_timeout,
                 )
+            unfinished = self._replay
+            if unfinished is not None:  # a replay on the old upstream: finished, or redone
+                await self._settle_replay()
+                await unfinished.stop(self.drain_timeout)
+                if not unfinished.whole:
+                    self._lost = True
             drained = time.monotonic()
-            if (self._lost or replay) and self.upstream is not None:
-                await self._replay(new)
+            again = (self._lost or replay) and self.upstream is not None
             self._lost = False
             old, self.upstream = self.upstream, new
             if old is None:
                 self.size, self.flags = new.size, new.flags & PASSED_FLAGS
             self.generation = generation
             self._pauses += 1  # a pause before this repoint is over
+            replaying = self._start_replay(new) if again else None
             self._spawn(self._watch(new))
             first, self._first_queued = self._first_queued, None
             queued = self._waiting
@@ -310,6 +357,8 @@ class Router:
                 drain_ms=(drained - closed) * 1000,
                 connect_ms=(closed - started) * 1000,
                 queued=queued,
+                closed_at=closed,
+                replay_writes=replaying.writes if replaying else 0,
             )
             log.info("repointed to %s generation %d: %s", new.target, generation, self.last)
             return self.last
@@ -326,6 +375,7 @@ class Router:
             await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
         except TimeoutError:
             log.warning("in-flight requests did not drain in %.1fs", self.drain_timeout)
+        await self._settle_replay()  # unfinished: fenced, it stops; the repoint replays again
         log.info("paused for a switchover")
         return (time.monotonic() - started) * 1000
 
@@ -340,6 +390,17 @@ class Router:
         self._pauses += 1
         if self.upstream_alive:
             self._open.set()
+
+    def _already(self, target: Target, generation: int) -> bool:
+        """Already on TARGET at GENERATION, alive: a second repoint there would only reconnect
+        (and wait for a running replay with the gate closed)."""
+        up = self.upstream
+        return (
+            up is not None
+            and up.target == target
+            and generation == self.generation
+            and not up.lost.is_set()
+        )
 
     def _unfit(self, new: Upstream) -> str:
         """Why NEW cannot replace the current upstream ('' when it can)."""
@@ -372,6 +433,8 @@ class Router:
             "retries": self.retries,
             "expired": self.expired,
             "replayed": self.replayed,
+            "replaying": self._replay is not None,
+            "replay_waits": self.replay_waits,
             "unflushed_bytes": self.unflushed.bytes,
             "repoints": self.repoints,
             "last_repoint": self.last.to_dict() if self.last else None,

@@ -5,9 +5,9 @@ makes it durable, and in `sync` mode that means applied on every in-sync shadow)
 primary dies, what it acknowledged but never flushed may be missing on the shadow that takes
 over, and a FLUSH re-issued there would report as durable writes it never received. So the
 router keeps every completed write (WRITE, WRITE_ZEROES, TRIM) until a FLUSH issued after it
-completes, and replays them on the new primary, in completion order, before anything else,
-when it repoints after losing its upstream. A planned switchover ships everything before the
-shadow is promoted and needs no replay.
+completes, and replays them on the new primary, in completion order where two touch the same
+block, when it repoints after losing its upstream (attach/replay.py). A planned switchover ships
+everything before the shadow is promoted and needs no replay.
 
 Memory is bounded: past LIMIT bytes the log is dropped (until the next FLUSH) and a failover
 in that window is logged as unprotected.
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 LIMIT = 256 << 20
-BATCH = 64  # writes replayed at once
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,13 @@ class Unflushed:
                         self.limit >> 20)  # fmt: skip
             self.writes, self.bytes, self.overflowed_at = [], 0, next(self._seq)
 
+    def version(self) -> tuple[int, int, int]:
+        """What the log holds, in three numbers: writes only join at the end (a higher seq)
+        and leave from the start (a FLUSH), so equal versions mean equal logs."""
+        if not self.writes:
+            return (0, 0, self.overflowed_at)
+        return (len(self.writes), self.writes[0].seq, self.writes[-1].seq)
+
     def flush_sent(self) -> int:
         """A FLUSH is sent now: the mark of what it covers."""
         return next(self._seq)
@@ -66,21 +72,3 @@ class Unflushed:
         self.bytes = sum(len(w.payload) + 64 for w in self.writes)
         if self.overflowed_at and mark > self.overflowed_at:
             self.overflowed_at = 0
-
-
-def batches(writes: list[Write], size: int = BATCH) -> list[list[Write]]:
-    """WRITES in order, cut into batches of at most SIZE in which no two writes touch the same
-    4 KiB block: a batch may be sent at once, the next one after it has completed."""
-    out: list[list[Write]] = []
-    batch: list[Write] = []
-    touched: set[int] = set()
-    for w in writes:
-        blocks = range(w.offset >> 12, ((w.offset + max(w.length, 1) - 1) >> 12) + 1)
-        if len(batch) >= size or any(b in touched for b in blocks):
-            out.append(batch)
-            batch, touched = [], set()
-        batch.append(w)
-        touched.update(blocks)
-    if batch:
-        out.append(batch)
-    return out

@@ -366,6 +366,12 @@ class Fleet:
                 down.append(server.name)
         return down
 
+    def next_silence(self, timeout_s: float, now: float) -> float | None:
+        """Seconds from NOW until the first up server's last heartbeat is TIMEOUT_S old (None:
+        no server is up), so that the watch marks it down then rather than at its next round."""
+        ups = [s.last_heartbeat for s in self.store.list_servers() if s.state is ServerState.UP]
+        return min(ups) + timeout_s - now if ups else None
+
     # switchovers (the steps between them run in manager/switchover.py, off this thread)
     def plan_switchover(self, name: str, to: str | None) -> dict[str, Any]:
         """Who hands VOLUME over to whom, and how to reach them; Refused if it cannot be now."""

@@ -74,6 +74,7 @@ def test_silent_servers_are_marked_down_once(fleet: Fleet) -> None:
     fleet.heartbeat("a1", {"used_bytes": 0}, 100)
     assert fleet.mark_silent_down(timeout_s=6, now=104) == ["b1", "c1"]
     assert fleet.mark_silent_down(timeout_s=6, now=105) == []
+    assert fleet.next_silence(timeout_s=6, now=105) == 1  # a1's heartbeat times out at 106
     assert fleet.status()["servers"] == {"total": 3, "up": 1, "down": 2, "draining": 0}
     fleet.heartbeat("b1", {"used_bytes": 0}, 105)
     assert fleet.server("b1")["state"] == "up"

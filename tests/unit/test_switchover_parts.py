@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from shadowblk.agent import switch
-from shadowblk.attach.unflushed import Unflushed, batches
+from shadowblk.attach.replay import needed
+from shadowblk.attach.unflushed import Unflushed
 from shadowblk.delta.primary_state import ShadowRecord
 from shadowblk.delta.volume_state import VolumeState
 from shadowblk.nbd import fence
@@ -157,10 +158,13 @@ def test_unflushed_writes_are_kept_until_a_later_flush_completes() -> None:
     assert not log.overflowed_at
 
 
-def test_replay_batches_keep_the_order_of_overlapping_writes() -> None:
+def test_the_replay_skips_only_writes_wholly_overwritten_later() -> None:
     log = Unflushed()
-    for offset in (0, 8192, 4096, 0, 16384, 6000):
-        log.completed(P.CMD_WRITE, 0, offset, 4096, bytes(4096))
-    cut = batches(log.writes, size=64)
-    assert [[w.offset for w in b] for b in cut] == [[0, 8192, 4096], [0, 16384, 6000]]
-    assert [len(b) for b in batches(log.writes, size=2)] == [2, 2, 2]
+    for offset, length in ((0, 4096), (8192, 4096), (4096, 4096), (0, 4096), (16384, 512),
+                           (6000, 4096), (16384, 4096), (8192, 2048)):  # fmt: skip
+        log.completed(P.CMD_WRITE, 0, offset, length, bytes(length))
+    kept = [(w.offset, w.length) for w in needed(log.writes)]
+    # 0 is written again whole; 16384's 512 bytes are under a whole later block; 4096 is only
+    # partly under the write at 6000, 8192 only partly under the 2048 bytes at 8192
+    assert kept == [(8192, 4096), (4096, 4096), (0, 4096), (6000, 4096), (16384, 4096),
+                    (8192, 2048)]  # fmt: skip

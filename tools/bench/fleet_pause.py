@@ -43,9 +43,9 @@ LOAD = [
 STRAGGLERS_S = 0.2  # I/Os completing this soon after the kill were answered before it
 
 
-def fio(cwd: Path, uri: str, seconds: float, name: str) -> subprocess.Popen:
+def fio(cwd: Path, uri: str, seconds: float, name: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", *LOAD, "--time_based",
+        ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", *LOAD, *extra, "--time_based",
          f"--runtime={seconds}", "--output-format=json", f"--output={cwd / name}.json",
          f"--write_lat_log={cwd / name}", "--log_avg_msec=0", "--log_unix_epoch=1"],
         cwd=cwd, stdout=subprocess.DEVNULL,
