@@ -21,6 +21,7 @@ BENCHMARKS = [
     "tools.bench.track_cost",
     "tools.bench.replication",
     "tools.bench.switchover_pause",
+    "tools.bench.emergency",
     "tools.bench.resync",
     "tools.bench.sync_latency",
     "tools.bench.dm_pause",  # a QEMU TCG guest: 5-10 minutes
