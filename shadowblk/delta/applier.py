@@ -14,13 +14,16 @@ the state's epoch or at the journal's last committed one, never in between.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import time
 from pathlib import Path
 
-from shadowblk.delta.extents import Extents
+from shadowblk.delta.extents import Extents, unpack_extents
 from shadowblk.delta.frames import ErrorCode, FrameError, Hello
 from shadowblk.delta.journal import (
+    ALIGN,
     Journal,
     Kind,
     Record,
@@ -33,6 +36,11 @@ from shadowblk.integrity.applied_map import AppliedMap
 from shadowblk.nbd.backend import Backend, VolumeError
 
 log = logging.getLogger(__name__)
+
+SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 HOLD_BYTES = 128 << 20  # staged data kept in memory to apply from, instead of reading it back
 CHECKPOINT_BYTES = 256 << 20  # journal size from which a commit is followed by a checkpoint
@@ -207,27 +215,33 @@ class ShadowVolume:
         self._stage(Record(kind, offset, length, epoch, data))
 
     def stage_extents(self, epoch: int, extents: Extents) -> None:
-        """Stage the runs of one checked EXTENT frame, a DATA record each."""
+        """Stage one checked EXTENT frame, however many runs it holds, as one EXTENTS record:
+        its head as it came (extent list, block crcs) and its data."""
         self._check_epoch(epoch)
         self._staged_epoch = epoch
-        view = memoryview(extents.data)
-        at = 0
-        for offset, length in zip(extents.offsets, extents.lengths, strict=True):
-            self._stage(Record(Kind.DATA, offset, length, epoch, view[at : at + length]))
-            at += length
+        record = Record(Kind.EXTENTS, extents.offsets[0], len(extents.data), epoch, extents)
+        self._stage(record, (extents.head, extents.data))
 
-    def _stage(self, record: Record) -> None:
+    def _stage(self, record: Record, parts: tuple[bytes | memoryview, ...] | None = None) -> None:
         if self._direct:
             assert self._image is not None
             self._write(self._image, record)
             return
-        self.journal.append(record.kind, record.offset, record.length, record.epoch, record.data)
+        if parts is None:
+            assert not isinstance(record.data, Extents)
+            parts = (record.data,)
+        self.journal.append_parts(record.kind, record.offset, record.length, record.epoch, parts)
         if self._held is not None:
-            self._held_bytes += len(record.data)
+            self._held_bytes += record.length if record.kind is Kind.EXTENTS else len(parts[0])
             if self._held_bytes > HOLD_BYTES:
                 self._held = None
             else:
                 self._held.append(record)
+
+    def stages_in_memory(self, nbytes: int) -> bool:
+        """Staging a frame of NBYTES of data writes nothing to disk (it fits in the journal's
+        buffer, or goes to the image's page cache): quick enough for the event loop."""
+        return self._direct or self.journal.room() >= nbytes + ALIGN
 
     def staged_bytes(self) -> int:
         """Data staged since the last commit (while it is held in memory; else a large figure)."""
@@ -241,9 +255,12 @@ class ShadowVolume:
         self._check_epoch(epoch)
         self._staged_epoch = epoch
 
-    def commit(self, epoch: int) -> None:
+    def commit(self, epoch: int, write_back: bool = False) -> None:
         """Make the staged epoch durable and apply it; blocking (run it in a thread). Returns
-        once the epoch may be acknowledged: in the journal, durably, and on the image."""
+        once the epoch may be acknowledged: in the journal, durably, and on the image.
+        WRITE_BACK (a commit in a worker thread): also start writing the image's dirty pages
+        back, without waiting, so the next checkpoint's fdatasync finds little left to do
+        (it would otherwise hold the stream for the writeback of seconds of random writes)."""
         self._check_epoch(epoch)
         assert self._image is not None
         if self._direct:
@@ -259,6 +276,8 @@ class ShadowVolume:
             for record in records:
                 self._write(self._image, record)
             self._sealed = False
+            if write_back:
+                start_writeback(self._image.fd)
         self.applied = epoch
         self._forget_held()
         self._staged_epoch = 0
@@ -298,6 +317,12 @@ class ShadowVolume:
     def _write(self, backend: Backend, record: Record) -> None:
         """One record onto the image, and into the checksum map (in memory until flushed)."""
         kind, offset, length, data = record.kind, record.offset, record.length, record.data
+        if kind is Kind.EXTENTS:
+            if not isinstance(data, Extents):  # read back from the journal
+                data = unpack_extents(data, length, self.state.block_size)
+            self._write_extents(backend, data)
+            return
+        assert not isinstance(data, Extents)
         if kind is Kind.DATA:
             backend.pwrite(data, offset)
         elif kind is Kind.ZERO:
@@ -308,9 +333,29 @@ class ShadowVolume:
             return
         self.checksums.applied(kind, offset, length, data)
 
+    def _write_extents(self, backend: Backend, extents: Extents) -> None:
+        """A frame's runs onto the image, a pwrite each, and their crcs (checked on arrival)
+        into the checksum map as they are: none computed again."""
+        view = memoryview(extents.data).cast("B")
+        fd, at = backend.fd, 0
+        for offset, length in zip(extents.offsets, extents.lengths, strict=True):
+            piece = view[at : at + length]
+            done = os.pwrite(fd, piece, offset)
+            if done != length:  # short: the rest the slow way
+                backend.pwrite(piece[done:], offset + done)
+            at += length
+        self.checksums.applied_crcs(extents.offsets, extents.lengths, extents.crcs())
+
     def _record(self, epoch: int) -> None:
         """The image is durable at EPOCH: stamp the map, then the state file."""
         self.checksums.committed(epoch)
         self.state.last_applied = epoch
         self.state.save(self.state_path)
         self.applied = max(self.applied, epoch)
+
+
+def start_writeback(fd: int) -> None:
+    """Have the kernel start writing FD's dirty pages back now and return (the GIL released):
+    a hint, never a durability point; without sync_file_range nothing changes but timing."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)

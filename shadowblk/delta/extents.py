@@ -27,11 +27,20 @@ ENTRY = np.dtype([("offset", ">u8"), ("length", ">u4")])  # one extent of the li
 @dataclass(frozen=True)
 class Extents:
     """An EXTENT frame's checked content: sorted, disjoint byte ranges of whole blocks and their
-    data, concatenated in that order."""
+    data, concatenated in that order. HEAD is the payload's bytes before the data (count,
+    extent list, crcs): the shadow journals it as it came, and its map takes the crcs from it
+    instead of computing them again."""
 
     offsets: list[int]
     lengths: list[int]
     data: bytes | memoryview
+    head: bytes | memoryview = b""
+
+    def crcs(self) -> np.ndarray:
+        """The crc32c of each block, in order (big-endian uint32)."""
+        return np.frombuffer(
+            self.head, dtype=">u4", offset=COUNT.size + ENTRY.itemsize * len(self.offsets)
+        )
 
 
 def encode_extents(
@@ -135,7 +144,22 @@ def decode_extents(
             False,
             seq,
         )
-    return Extents(offsets.tolist(), lengths.tolist(), data)
+    head = memoryview(payload)[:data_at]
+    return Extents(offsets.tolist(), lengths.tolist(), data, head)
+
+
+def unpack_extents(record: bytes | memoryview, length: int, block_size: int) -> Extents:
+    """An Extents from the shadow journal's copy of a checked frame (its head, then its LENGTH
+    bytes of data, raw); the journal's record crc vouches for it, so only its shape is checked."""
+    (count,) = COUNT.unpack_from(record)
+    data_at = COUNT.size + count * ENTRY.itemsize + 4 * (length // block_size)
+    if len(record) != data_at + length:
+        raise ValueError(f"an extents record of {len(record)} bytes for {length} bytes of data")
+    table = np.frombuffer(record, dtype=ENTRY, count=count, offset=COUNT.size)
+    view = memoryview(record)
+    return Extents(
+        table["offset"].tolist(), table["length"].tolist(), view[data_at:], view[:data_at]
+    )
 
 
 def check_range(offset: int, length: int, size: int, block_size: int) -> None:

@@ -5,7 +5,9 @@ The file is preallocated once and written in place from its start again after ev
 checkpoint (a *round*), with O_DIRECT|O_DSYNC when the file system takes it: a commit is one
 aligned write that is durable when it returns, with no file-size or block-allocation change to
 sync (appending to a file and fdatasyncing it commits file-system metadata every time).
-An epoch too big for the staging buffer goes through the page cache and an fdatasync.
+An epoch too big for the staging buffer writes each full buffer directly too (not through the
+page cache: no copy into it, no writeback of it at the commit) and its commit ends with an
+fdatasync.
 
 Records, little-endian: magic "SBJ2", kind u8, 3 zero bytes, round u64, seq u64, offset u64,
 length u64, epoch u64, data length u32, crc32c u32 of the preceding 52 bytes and the data,
@@ -14,6 +16,9 @@ start at offset 0 with seq 0, all carry the round's random id, and each seq is t
 one plus one. A COMMIT record (the epoch) seals every record before it; its data is zero
 padding to the next ALIGN boundary, and it is written with the records not yet on disk in one
 synchronous write (or a write and an fdatasync): that is the epoch's durability point.
+An EXTENTS record holds a whole EXTENT frame of the stream as it was checked: its head (extent
+count, extent list and block crcs, big-endian, as on the wire) and its data, raw; its offset
+and length are the frame's (the first extent's offset, the data's length).
 
 Reading follows the chain from offset 0 and stops at the first record that does not continue
 it: torn or damaged (crc), of an older round or a voided tail (round, seq, or the crc seed:
@@ -37,6 +42,8 @@ from pathlib import Path
 
 import crc32c
 
+from shadowblk.delta.extents import Extents
+
 MAGIC = b"SBJ2"
 OLD_MAGIC = b"SBJR"  # appended records, before the preallocated journal
 _RECORD = struct.Struct("<4sB3xQQQQQI")
@@ -53,6 +60,7 @@ class Kind(IntEnum):
     ZERO = 2
     TRIM = 3
     COMMIT = 4
+    EXTENTS = 5  # one checked EXTENT frame: head, then data (many scattered runs, one record)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class Record:
     offset: int
     length: int
     epoch: int
-    data: bytes | memoryview
+    data: bytes | memoryview | Extents  # Extents: an EXTENTS record held in memory, unpacked
 
 
 def fsync_dir(path: Path) -> None:
@@ -87,14 +95,13 @@ class Journal:
     """Stages records in an aligned buffer at `end`; commit() makes them durable.
 
     An epoch that fits in the buffer reaches the disk in its commit's one direct write (with
-    RWF_DSYNC). A bigger one spills full buffers through the page cache (a synchronous write
-    per 4 MiB would stall the caller) and its commit ends with an fdatasync instead."""
+    RWF_DSYNC). A bigger one spills each full buffer with a direct write, not synchronous (the
+    staging caller runs in a worker thread), and its commit ends with an fdatasync instead."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = -1  # direct I/O (where possible)
-        self._spill_fd = -1  # through the page cache
-        self._spilled = False  # buffers of the epoch being staged went through _spill_fd
+        self._spilled = False  # buffers of the epoch being staged were written without a sync
         self._allocated = 0
         self._buf = mmap.mmap(-1, BUFFER)  # page-aligned, as O_DIRECT wants
         self._buf_at = 0  # file offset of the buffer's first byte (aligned)
@@ -111,7 +118,6 @@ class Journal:
         if self._fd < 0:
             created = not self.path.exists()
             self._fd = _open_direct(self.path)
-            self._spill_fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
             if created:  # a commit syncs the file, not its name: an acknowledged epoch in a
                 fsync_dir(self.path.parent)  # journal whose entry was lost would be lost too
             self._allocated = os.fstat(self._fd).st_size
@@ -131,15 +137,33 @@ class Journal:
     def append(
         self, kind: Kind, offset: int, length: int, epoch: int, data: bytes | memoryview = b""
     ) -> None:
-        head = _RECORD.pack(
-            MAGIC, int(kind), self._round, self._seq, offset, length, epoch, len(data)
-        )
-        crc = crc32c.crc32c(data, value=crc32c.crc32c(head, value=self._crc))
+        self.append_parts(kind, offset, length, epoch, (data,))
+
+    def append_parts(
+        self,
+        kind: Kind,
+        offset: int,
+        length: int,
+        epoch: int,
+        parts: tuple[bytes | memoryview, ...],
+    ) -> None:
+        """One record whose data is PARTS, concatenated (an EXTENTS record: a frame's head and
+        its data, never joined into one buffer first)."""
+        size = sum(len(part) for part in parts)
+        head = _RECORD.pack(MAGIC, int(kind), self._round, self._seq, offset, length, epoch, size)
+        crc = crc32c.crc32c(head, value=self._crc)
+        for part in parts:
+            crc = crc32c.crc32c(part, value=crc)
         self._put(head + _CRC.pack(crc))
-        self._put(data)
+        for part in parts:
+            self._put(part)
         self._seq += 1
         self._crc = crc
-        self.end += HEAD_SIZE + len(data)
+        self.end += HEAD_SIZE + size
+
+    def room(self) -> int:
+        """Bytes that can be staged before the buffer must be written out."""
+        return BUFFER - self._buf_len
 
     def _put(self, data: bytes | memoryview) -> None:
         end = self._buf_len + len(data)
@@ -162,16 +186,16 @@ class Journal:
         if not size:
             return
         self._reserve(self._buf_at + size)
-        direct = final and not self._spilled
-        fd = self._fd if direct else self._spill_fd
+        dsync = final and not self._spilled  # the one write of a commit: durable on return
         self._spilled = not final
         done = 0
         while done < size:
             view = memoryview(self._buf)[done:size]
             at = self._buf_at + done
-            done += os.pwritev(fd, [view], at, os.RWF_DSYNC) if direct else os.pwrite(fd, view, at)
-        if final and not direct:
-            os.fdatasync(fd)
+            flags = os.RWF_DSYNC if dsync else 0
+            done += os.pwritev(self._fd, [view], at, flags)
+        if final and not dsync:
+            os.fdatasync(self._fd)
         tail = self._buf_len - size
         if tail:
             self._buf.move(0, size, tail)
@@ -211,8 +235,7 @@ class Journal:
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-            os.close(self._spill_fd)
-            self._fd = self._spill_fd = -1
+            self._fd = -1
 
 
 def read_records(path: Path, start: int = 0, stop: int | None = None) -> Iterator[Record]:

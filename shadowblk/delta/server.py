@@ -49,6 +49,7 @@ from shadowblk.delta.frames import (
     unpack_hello,
     volume_key,
 )
+from shadowblk.delta.heap import keep_freed_buffers
 from shadowblk.delta.journal import Kind
 from shadowblk.delta.stream import FrameReader, RawFrame, check, encode, read_frame
 from shadowblk.delta.volume_state import VOLUME_ID, StateFileError
@@ -90,6 +91,7 @@ class ShadowServer:
         self.held = {vid: now + seconds for vid, seconds in (held or {}).items()}
         self.quiet: dict[str, float] = {}  # volume -> monotonic end: a promotion is near
         self.checkpoint_asked: set[str] = set()  # checkpointed at their next epoch boundary
+        keep_freed_buffers()  # frames' buffers reused, not faulted in afresh for each frame
         data_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(data_dir.glob("*.state")):
             try:
@@ -128,6 +130,16 @@ class ShadowServer:
         self.checkpoint_asked.add(vid)
         volume = self.volumes.get(vid)
         return {"epoch": None if volume is None else volume.applied}
+
+    async def primed(self, vid: str, wait: float) -> dict[str, Any]:
+        """Wait up to WAIT seconds for the checkpoint `prime` asked for (made at the stream's
+        next epoch boundary; a volume no stream feeds was checkpointed when its stream ended)."""
+        deadline = time.monotonic() + wait
+        while vid in self.checkpoint_asked and vid in self.streams:
+            if time.monotonic() >= deadline:
+                return {"checkpointed": False}
+            await asyncio.sleep(0.005)
+        return {"checkpointed": True}
 
     def checkpoint_wanted(self, vid: str, volume: ShadowVolume, due: bool) -> bool:
         """Checkpoint VOLUME now? DUE: by its own rule (idle, age or size)."""
@@ -182,7 +194,8 @@ class ShadowServer:
 
     async def serve_control(self, path: Path) -> asyncio.AbstractServer:
         """Listen on the Unix socket PATH for the agent's one-line JSON commands:
-        {"op": "prime", "volume": V, "seconds": S}, {"op": "release", "volume": V, "seconds": S},
+        {"op": "prime", "volume": V, "seconds": S, "wait": W?} (W: answer once checkpointed, at
+        most W s), {"op": "release", "volume": V, "seconds": S},
         {"op": "adopt", "volume": V}, {"op": "status"}; one JSON line answers each."""
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -212,7 +225,8 @@ class ShadowServer:
             if not VOLUME_ID.match(vid):
                 raise ValueError(f"bad volume id {vid!r}")
             if op == "prime":
-                return {"ok": True, **self.prime(vid, float(cmd["seconds"]))}
+                primed = self.prime(vid, float(cmd["seconds"]))
+                return {"ok": True, **primed, **await self.primed(vid, float(cmd.get("wait", 0)))}
             if op == "release":
                 return {"ok": True, **await self.release(vid, float(cmd["seconds"]))}
             if op == "adopt":
@@ -518,7 +532,9 @@ class _Stream:
         volume = self.volume
         assert volume is not None
         if data is not None:  # an EXTENT frame
-            if len(data.data) >= OFF_LOOP_BYTES:  # overlaps with the receiving of the next frames
+            if len(data.data) >= OFF_LOOP_BYTES or not volume.stages_in_memory(len(data.data)):
+                # overlaps with the receiving of the next frames; a journal write never stalls
+                # the loop
                 await _finish(volume.stage_extents, frame.epoch, data)
             else:
                 volume.stage_extents(frame.epoch, data)
@@ -538,7 +554,7 @@ class _Stream:
             if volume.cheap_commit(INLINE_COMMIT_BYTES):
                 volume.commit(frame.epoch)  # one small fdatasync: cheaper than two thread hops
             else:
-                await _finish(volume.commit, frame.epoch)
+                await _finish(volume.commit, frame.epoch, True)
             log.debug("%s: epoch %d applied", volume.state.volume_id, frame.epoch)
             await self.send(FrameType.EPOCH_APPLIED, epoch=frame.epoch)
             await self._checkpoint(volume.checkpoint_due())

@@ -1,6 +1,7 @@
 """A shadow's checksum map: DIR/<volume>.map, kept in step with the epochs the applier writes.
 
-The applier calls `applied(kind, offset, length, data)` as each record reaches the image (the
+The applier calls `applied(kind, offset, length, data)` as each record reaches the image, or
+`applied_crcs(offsets, lengths, crcs)` for a frame's runs whose crcs it checked (the
 memory-mapped entries change at once, before the epoch is acknowledged, so a live `verify`
 reads them) and `committed(epoch)` at a checkpoint, once the image is durable at that epoch and
 before the state file records it. `committed` flushes the map (its syncs are off a `sync`
@@ -20,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from shadowblk.delta.journal import Kind
 from shadowblk.integrity.checksum_map import ChecksumMap
@@ -87,6 +90,18 @@ class AppliedMap:
                 cmap.update(offset, data, read=self._read)
             else:
                 cmap.update_zero(offset, length, read=self._read)
+        except Exception as exc:
+            self._fail(exc)
+
+    def applied_crcs(
+        self, offsets: Sequence[int], lengths: Sequence[int], crcs: np.ndarray
+    ) -> None:
+        """Whole-block runs of an epoch were written to the image; CRCS, one per block in
+        order, are their checked crc32c (from the frame): stored, not computed again."""
+        if self.broken:
+            return
+        try:
+            self._open().put_crcs(offsets, lengths, crcs)
         except Exception as exc:
             self._fail(exc)
 

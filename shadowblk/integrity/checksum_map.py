@@ -206,6 +206,30 @@ class ChecksumMap:
         self._dirty()
         return store_crc32c(self.crcs, self.block_size, writes, start)
 
+    def put_crcs(self, offsets: Sequence[int], lengths: Sequence[int], crcs: np.ndarray) -> None:
+        """Whole-block ranges (OFFSETS, LENGTHS in bytes) whose crcs are known already, CRCS one
+        per block in order (a shadow's checked frame): stored in one step, none recomputed."""
+        self._require_writable()
+        bs = self.block_size
+        starts = np.asarray(offsets, dtype=np.int64)
+        sizes = np.asarray(lengths, dtype=np.int64)
+        counts = sizes // bs
+        total = int(counts.sum()) if len(counts) else 0
+        if (
+            len(starts) != len(sizes)
+            or (starts % bs).any()
+            or (sizes % bs).any()
+            or (sizes <= 0).any()
+            or (starts < 0).any()
+            or (starts + sizes > self.blocks * bs).any()
+            or len(crcs) != total
+        ):
+            raise ValueError(f"{len(crcs)} crcs for ranges that are not whole blocks in the map")
+        self._dirty()
+        firsts = starts // bs
+        index = np.repeat(firsts - (np.cumsum(counts) - counts), counts) + np.arange(total)
+        self.crcs[index] = crcs
+
     def _overlay(
         self, lo: int, hi: int, offset: int, view: memoryview, read: ReadBlock
     ) -> memoryview:
