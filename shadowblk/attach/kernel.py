@@ -265,8 +265,9 @@ class KernelAttach:
         except DMError:
             with contextlib.suppress(DMError):
                 self.dm.clear(self.name)
-                if not self.paused:
-                    self.dm.resume(self.name)
+            if not self.paused:  # even when the clear failed: never left suspended unheld
+                with contextlib.suppress(DMError):
+                    self.dm.resume(self.name, lockfs=False)
             raise
         t3 = time.monotonic()
         return {"ioctls": 2 if two else 1, "pause_ms": (t3 - t1) * 1000,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -255,12 +254,9 @@ class ShadowVolume:
         self._check_epoch(epoch)
         self._staged_epoch = epoch
 
-    def commit(self, epoch: int, write_back: bool = False) -> None:
+    def commit(self, epoch: int) -> None:
         """Make the staged epoch durable and apply it; blocking (run it in a thread). Returns
-        once the epoch may be acknowledged: in the journal, durably, and on the image.
-        WRITE_BACK (a commit in a worker thread): also start writing the image's dirty pages
-        back, without waiting, so the next checkpoint's fdatasync finds little left to do
-        (it would otherwise hold the stream for the writeback of seconds of random writes)."""
+        once the epoch may be acknowledged: in the journal, durably, and on the image."""
         self._check_epoch(epoch)
         assert self._image is not None
         if self._direct:
@@ -276,12 +272,18 @@ class ShadowVolume:
             for record in records:
                 self._write(self._image, record)
             self._sealed = False
-            if write_back:
-                start_writeback(self._image.fd)
         self.applied = epoch
         self._forget_held()
         self._staged_epoch = 0
         self._epoch_start = self.journal.end
+
+    def write_back(self) -> None:
+        """Start writing the image's dirty pages back, so the next checkpoint's fdatasync
+        finds little left to do (it would otherwise hold the stream for the writeback of
+        seconds of random writes). Blocking while the kernel takes the I/O (tens of ms for a
+        few MiB): call it after the epoch's acknowledgement, in a worker thread."""
+        if self._image is not None:
+            start_writeback(self._image.fd)
 
     def cheap_commit(self, limit: int) -> bool:
         """The staged epoch holds at most LIMIT bytes and commits through the journal: one
@@ -337,12 +339,9 @@ class ShadowVolume:
         """A frame's runs onto the image, a pwrite each, and their crcs (checked on arrival)
         into the checksum map as they are: none computed again."""
         view = memoryview(extents.data).cast("B")
-        fd, at = backend.fd, 0
+        at = 0
         for offset, length in zip(extents.offsets, extents.lengths, strict=True):
-            piece = view[at : at + length]
-            done = os.pwrite(fd, piece, offset)
-            if done != length:  # short: the rest the slow way
-                backend.pwrite(piece[done:], offset + done)
+            backend.pwrite(view[at : at + length], offset)
             at += length
         self.checksums.applied_crcs(extents.offsets, extents.lengths, extents.crcs())
 
@@ -355,7 +354,8 @@ class ShadowVolume:
 
 
 def start_writeback(fd: int) -> None:
-    """Have the kernel start writing FD's dirty pages back now and return (the GIL released):
-    a hint, never a durability point; without sync_file_range nothing changes but timing."""
+    """Have the kernel start writing FD's dirty pages back (the GIL released; it returns once
+    the I/O is submitted, not done): a hint, never a durability point; without
+    sync_file_range nothing changes but timing."""
     if _sync_file_range is not None:
         _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)

@@ -34,7 +34,7 @@ class Extents:
     offsets: list[int]
     lengths: list[int]
     data: bytes | memoryview
-    head: bytes | memoryview = b""
+    head: bytes | memoryview
 
     def crcs(self) -> np.ndarray:
         """The crc32c of each block, in order (big-endian uint32)."""
@@ -144,7 +144,9 @@ def decode_extents(
             False,
             seq,
         )
-    head = memoryview(payload)[:data_at]
+    # a view while the data is one too (RAW: the payload is held anyway); a copy of a few KiB
+    # otherwise, so a held epoch does not also keep every compressed payload alive
+    head = memoryview(payload)[:data_at] if frame.flags & FLAG_RAW else bytes(payload[:data_at])
     return Extents(offsets.tolist(), lengths.tolist(), data, head)
 
 

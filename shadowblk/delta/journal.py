@@ -193,7 +193,10 @@ class Journal:
             view = memoryview(self._buf)[done:size]
             at = self._buf_at + done
             flags = os.RWF_DSYNC if dsync else 0
-            done += os.pwritev(self._fd, [view], at, flags)
+            wrote = os.pwritev(self._fd, [view], at, flags)
+            if wrote % ALIGN:  # the rest would be a misaligned direct write: stop here
+                raise OSError(errno.EIO, f"{self.path}: short journal write of {wrote} bytes")
+            done += wrote
         if final and not dsync:
             os.fdatasync(self._fd)
         tail = self._buf_len - size

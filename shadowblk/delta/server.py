@@ -551,12 +551,15 @@ class _Stream:
                 # (the image goes from one epoch boundary to a later one, as with MERGE)
                 volume.mark_epoch_end(frame.epoch)
                 return
-            if volume.cheap_commit(INLINE_COMMIT_BYTES):
+            inline = volume.cheap_commit(INLINE_COMMIT_BYTES)
+            if inline:
                 volume.commit(frame.epoch)  # one small fdatasync: cheaper than two thread hops
             else:
-                await _finish(volume.commit, frame.epoch, True)
+                await _finish(volume.commit, frame.epoch)
             log.debug("%s: epoch %d applied", volume.state.volume_id, frame.epoch)
             await self.send(FrameType.EPOCH_APPLIED, epoch=frame.epoch)
+            if not inline:  # a big epoch: its writeback starts once it is acknowledged
+                await _finish(volume.write_back)
             await self._checkpoint(volume.checkpoint_due())
 
     async def _checkpoint(self, due: bool) -> None:
