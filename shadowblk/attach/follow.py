@@ -120,6 +120,8 @@ class Follower:
             if generation < target.generation:
                 continue  # a switchover pushed a newer primary than this (lagging) answer names
             try:
+                # no replay flag: the router replays its unflushed writes (it cannot know
+                # whether the new primary has them; only the manager's push can say so)
                 result = await target.repoint(uri, generation)
                 log.info("followed the manager to %s generation %d: %s", uri, generation, result)
             except Refused as exc:

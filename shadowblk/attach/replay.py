@@ -16,11 +16,13 @@ safe because every request that could see or undo a write not yet replayed waits
 The replay itself keeps the log's order wherever two writes touch the same block (a write is
 sent only once every earlier write on its blocks has completed) and keeps up to WINDOW writes
 in flight otherwise. A block a client request waits for goes first: its replay write is sent at
-once, out of turn, when it is the only one left on each of its blocks (the common case), so the
-request waits one round trip, not until the replay reaches it. A write whose every block is
+once, out of turn, when it is the only one left on each of its blocks and no wide write (not
+counted block by block) is in flight or left over it (the common case), so the request waits
+one round trip, not until the replay reaches it. A write whose every block is
 wholly overwritten by later writes in the log is not sent at all: the later ones leave the same
-content. Nothing leaves the log here: if the new primary is lost too, the next repoint replays
-the whole log again (writes are idempotent).
+content. Replayed writes go without FAST_ZERO (the new primary may refuse a fast zero the old
+one did). Nothing leaves the log here: if the new primary is lost too, or fails a replay write
+(any error), the next repoint replays the whole log again (writes are idempotent).
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def plan(writes: list[Write]) -> list[tuple[Write, tuple[int, ...]]]:
 
 
 class Replay:
-    """One replay of a log on UP; ON_LOST(up, why) runs if UP drops or refuses it (the router
-    then holds requests and replays the whole log again on the next upstream).
+    """One replay of a log on UP; ON_LOST(up, why) runs if UP drops it or fails a write with
+    any error (the router then holds requests and replays the whole log again on the next
+    upstream: a write not applied must stay in the log, or the next FLUSH calls it durable).
 
     Planning a large log takes a fraction of a second of Python: the router plans it when the
     gate closes on a lost upstream, while the VM waits for the new primary anyway."""
@@ -157,9 +160,14 @@ class Replay:
         i = self._last.get(block)
         if i is None or self._sent[i] or self._stop:
             return
-        blocks = self._plan[i][1]
-        if blocks and all(self._left.get(b) == 1 for b in blocks):
-            self._send(i)
+        w, blocks = self._plan[i]
+        if not blocks or any(self._left.get(b) != 1 for b in blocks):
+            return
+        # a wide write is not counted in _left: one in flight, or one left that overlaps
+        # (earlier in the log, maybe), would land after this one out of order
+        if -1 in self._busy or any(_overlap(x, w.offset, w.length) for x in self._wide):
+            return
+        self._send(i)
 
     def _first_left(self, offset: int, length: int) -> int | None:
         for b in touched(offset, length):
@@ -205,12 +213,11 @@ class Replay:
             self._bytes -= len(w.payload)
             for b in keys:
                 _drop(self._busy, b)
-            if error in (LOST, P.ESHUTDOWN):
-                why = "connection lost" if error == LOST else "ESHUTDOWN"
+            if error:  # not applied: the log must stay (a FLUSH now would call it durable)
+                why = {LOST: "connection lost", P.ESHUTDOWN: "ESHUTDOWN"}.get(
+                    error, f"error {error}"
+                )
                 self._abort(f"{self.up.target}: {why} replaying a write at {w.offset}")
-            elif error:
-                log.error("replaying a write at %d on %s: error %d", w.offset, self.up.target,
-                          error)  # fmt: skip
             self.completed += 1
             if not blocks:
                 if w in self._wide:
@@ -223,7 +230,9 @@ class Replay:
                                 fut.set_result(None)
             self._room.set()
 
-        self.up.send(w.cmd, w.flags, w.offset, w.length, w.payload, done)
+        # no FAST_ZERO: the new primary may refuse it (ENOTSUP) where the old one zeroed
+        flags = w.flags & ~P.CMD_FLAG_FAST_ZERO
+        self.up.send(w.cmd, flags, w.offset, w.length, w.payload, done)
 
     def _abort(self, why: str) -> None:
         if self.aborted:

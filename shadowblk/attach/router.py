@@ -9,6 +9,8 @@ new primary are safe (a block write is idempotent), and every retry goes to the 
 at that moment, so a READ after a repoint is always answered by the new primary. After a lost
 upstream the writes answered since the last FLUSH are replayed on the new one with the gate
 already open; a request that could see or undo one not yet replayed waits for it (replay.py).
+So are they when the manager asks (an emergency: the old primary may have vanished silently),
+when the drain times out, and on every repoint the follower makes (see `repoint`).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class Router:
         self.unflushed = Unflushed()
         self._lost = False  # an upstream was lost: replay the unflushed writes on the next
         self._replay: Replay | None = None  # running on the current upstream, gate open
+        self._replayed_on: Upstream | None = None  # its repoint left no unflushed write behind
         self._planned: tuple[tuple[int, int, int], Any] | None = None  # (log version, plan)
         self.replayed = 0
         self.replay_waits = 0  # client requests that waited for a block being replayed
@@ -238,10 +241,18 @@ class Router:
             log.error("failover with more unflushed writes than kept: some may be lost")
         ahead, self._planned = self._planned, None
         ready = ahead[1] if ahead and ahead[0] == self.unflushed.version() else None
-        replaying = Replay(list(self.unflushed.writes), up, self._upstream_lost, ready)
+        replaying = Replay(list(self.unflushed.writes), up, self._replay_failed, ready)
         self._replay = replaying
         replaying.task.add_done_callback(lambda _: self._replay_ended(replaying))
         return replaying
+
+    def _replay_failed(self, up: Upstream, why: str) -> None:
+        """UP dropped a replay write or failed it (EIO, ENOSPC...): as a lost upstream, the
+        gate closes and the whole log stays for the next repoint. UP is closed too, so that
+        the follower, which sees it no longer alive, repoints (and replays) again."""
+        self._upstream_lost(up, why)
+        if up is self.upstream:
+            self._spawn(up.close())
 
     def _replay_ended(self, replaying: Replay) -> None:
         self.replayed += replaying.completed
@@ -290,9 +301,15 @@ class Router:
         self._upstream_lost(up, f"{up.target} closed the connection")
 
     # --- repoint ----------------------------------------------------------------------------
-    async def repoint(self, uri: str, generation: int, replay: bool = False) -> Repoint:
+    async def repoint(self, uri: str, generation: int, replay: bool | None = None) -> Repoint:
         """Move every client to URI without an error; refuses an older GENERATION (I3).
-        REPLAY (or a lost upstream): the writes since the last FLUSH go to URI first.
+        The writes answered since the last FLUSH are replayed on URI when REPLAY is True, or
+        the old upstream was lost (it dropped, refused a replay write, or did not drain), or
+        REPLAY is None and any are kept. None is the follower's call: it cannot know whether
+        the new primary has them (a fence that did not drain, a primary that vanished without
+        closing its connection), and a VM FLUSH between its repoint and the manager's push
+        (replay: true) would empty the log. Only the manager says False: its planned
+        switchover's fence drained, the new primary has every acknowledged write.
 
         The new upstream is connected and checked before the gate closes, so the pause is the
         drain alone, and a refused or unreachable upstream costs the clients nothing.
@@ -306,7 +323,7 @@ class Router:
                 target = Target.parse(uri)
             except UpstreamError as exc:
                 raise Refused(422, str(exc)) from None
-            if self._already(target, generation) and not replay and self.last is not None:
+            if self._already(target, generation, replay) and self.last is not None:
                 return self.last  # the follower and the manager's push both bring it
             started = time.monotonic()
             try:
@@ -319,21 +336,23 @@ class Router:
                 raise Refused(409, problem)
             closed = time.monotonic()
             self._open.clear()
+            unfinished = self._replay  # on the old upstream: stopped now, redone unless whole
+            # it sends nothing more, and waits for its writes in flight beside the drain
+            stopped = asyncio.gather(*([unfinished.stop(self.drain_timeout)] if unfinished else []))
             try:
                 await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
-            except TimeoutError:
+            except TimeoutError:  # a primary that vanished silently (no FIN/RST): a loss
                 log.warning(
                     "in-flight requests did not drain in %.1fs: retried on the new upstream",
                     self.drain_timeout,
                 )
-            unfinished = self._replay
-            if unfinished is not None:  # a replay on the old upstream: finished, or redone
-                await self._settle_replay()
-                await unfinished.stop(self.drain_timeout)
-                if not unfinished.whole:
-                    self._lost = True
+                self._lost = True
+            await stopped
+            if unfinished is not None and not unfinished.whole:
+                self._lost = True
             drained = time.monotonic()
-            again = (self._lost or replay) and self.upstream is not None
+            kept = replay is None and bool(self.unflushed.writes)
+            again = (self._lost or replay or kept) and self.upstream is not None
             self._lost = False
             old, self.upstream = self.upstream, new
             if old is None:
@@ -341,6 +360,7 @@ class Router:
             self.generation = generation
             self._pauses += 1  # a pause before this repoint is over
             replaying = self._start_replay(new) if again else None
+            self._replayed_on = new if again or not self.unflushed.writes else None
             self._spawn(self._watch(new))
             first, self._first_queued = self._first_queued, None
             queued = self._waiting
@@ -391,15 +411,17 @@ class Router:
         if self.upstream_alive:
             self._open.set()
 
-    def _already(self, target: Target, generation: int) -> bool:
-        """Already on TARGET at GENERATION, alive: a second repoint there would only reconnect
-        (and wait for a running replay with the gate closed)."""
+    def _already(self, target: Target, generation: int, replay: bool | None) -> bool:
+        """Already on TARGET at GENERATION, alive, and REPLAY asks for nothing not done (the
+        repoint there replayed the log or found it empty, and no replay write failed since): a
+        second repoint would only reconnect (and wait for a running replay, gate closed)."""
         up = self.upstream
         return (
             up is not None
             and up.target == target
             and generation == self.generation
             and not up.lost.is_set()
+            and (not replay or (self._replayed_on is up and not self._lost))
         )
 
     def _unfit(self, new: Upstream) -> str:

@@ -353,7 +353,10 @@ class Switchovers:
         record["generation"] = after["generation"]
         promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
         t.mark("promote_ms")
-        body = {"uri": promoted["endpoint"], "generation": after["generation"]}
+        # replay: the old primary may have vanished without closing its connections (power
+        # loss, partition), so a router need not have seen the loss; the writes it answered
+        # since the last FLUSH may be missing on the promoted shadow
+        body = {"uri": promoted["endpoint"], "generation": after["generation"], "replay": True}
         repointed = await self._each_attach(name, plan["volume"]["attachments"], "repoint", body)
         t.mark("repoint_ms")
         await self._release(plan["to_control"], name)
