@@ -184,11 +184,17 @@ class KernelAttach:
 
     async def repoint(self, uri: str, generation: int, replay: bool = False) -> Switch:
         """Swap the device over to URI's export. REPLAY (resend the writes since the last
-        FLUSH, as the router can) is refused: the kernel's NBD client keeps none. The
-        connection is made before the lock is taken; a repoint at a higher generation that
-        swapped meanwhile wins (this one is refused as older)."""
+        FLUSH, as the router can; the manager asks for it after every emergency) cannot be
+        done, the kernel's NBD client keeping none: the swap goes ahead with a warning, since
+        refusing it would leave the VM on a dead primary. The connection is made before the
+        lock is taken; a repoint at a higher generation that swapped meanwhile wins (this
+        one is refused as older)."""
         if replay:
-            raise Refused(409, "the kernel NBD client keeps no unflushed writes to replay")
+            log.warning(
+                "%s: a replay was asked for; the kernel NBD client keeps no unflushed writes, "
+                "so writes since the last FLUSH that %s lacks are lost",
+                self.name, uri,
+            )  # fmt: skip
         self._not_older(generation)
         start = time.monotonic()
         new, uri = await asyncio.to_thread(self._connect, uri)

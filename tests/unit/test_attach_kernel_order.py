@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -268,6 +269,26 @@ def test_a_running_device_swaps_in_one_resume_ioctl_or_in_two(
         attach.close()
 
     asyncio.run(scenario())
+
+
+def test_an_emergency_repoint_asking_for_a_replay_still_swaps(
+    servers: list[NBDServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The manager asks every emergency repoint for a replay; the kernel's client keeps no
+    writes to resend, so the swap goes ahead with a warning rather than leave the VM on a
+    dead primary."""
+    tables = Tables()
+
+    async def scenario() -> None:
+        attach = KernelAttach("vm", dm=tables, device=UserNBD)  # type: ignore[arg-type]
+        await attach.open(servers[0].url, 1)
+        await attach.repoint(servers[1].url, 2, replay=True)
+        assert (attach.uri, attach.generation, attach.paused) == (servers[1].url, 2, False)
+        attach.close()
+
+    with caplog.at_level(logging.WARNING, logger=kernel.__name__):
+        asyncio.run(scenario())
+    assert "keeps no unflushed writes" in caplog.text
 
 
 @pytest.mark.parametrize("fail", [("resume",), ("suspend",), ("resume", "clear")])
