@@ -58,6 +58,16 @@ class Processes:
             time.sleep(0.02)
         raise AssertionError(f"no '{prefix}' line within {timeout}s; stdout so far: {buf!r}")
 
+    @staticmethod
+    def wait_export(proc: subprocess.Popen, uri: str, timeout: float = 10) -> None:
+        """Wait until URI's export answers (nbdkit prints no ready line). Fails on exit or
+        timeout."""
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode:
+            assert proc.poll() is None, f"the server of {uri} exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"{uri} did not answer within {timeout}s"
+            time.sleep(0.05)
+
     def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         """Signal PROC and wait for it; SIGKILL if it does not end in TIMEOUT. Returns its code."""
         if proc.poll() is None:

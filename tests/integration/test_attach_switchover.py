@@ -37,10 +37,7 @@ def start_nbdkit(procs: Processes, image: Path, name: str = "vol") -> tuple[subp
     argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-e", name]
     proc = procs.start([*argv, "file", str(image), "cache=none"], f"nbdkit-{port}")
     uri = f"nbd://127.0.0.1:{port}/{name}"
-    deadline = time.monotonic() + 10
-    while subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode:
-        assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-        time.sleep(0.05)
+    procs.wait_export(proc, uri)
     return proc, uri
 
 

@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Coroutine
 
 from shadowblk.attach.router import Router
@@ -28,10 +27,7 @@ def memory(procs: Processes, *args: str) -> tuple[subprocess.Popen, str]:
     argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *filters, "memory", "8M"]
     proc = procs.start([*argv, *params], f"nbdkit-{port}")
     uri = f"nbd://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 10
-    while subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode:
-        assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-        time.sleep(0.05)
+    procs.wait_export(proc, uri)
     return proc, uri
 
 
@@ -48,6 +44,14 @@ async def replayed(router: Router) -> None:
         await asyncio.sleep(0.02)
 
 
+async def written(upstream: str, hold_time: float, drain_timeout: float) -> Router:
+    """A router on UPSTREAM with one acknowledged, unflushed write: block 0 full of W."""
+    router = Router(hold_time=hold_time, drain_timeout=drain_timeout)
+    await router.repoint(upstream, 1)
+    assert await call(router, P.CMD_WRITE, 0, B, b"W" * B) == (0, b"")
+    return router
+
+
 def run(coro: Coroutine) -> None:
     asyncio.run(asyncio.wait_for(coro, 120))
 
@@ -60,9 +64,7 @@ def test_the_followers_repoint_in_an_undrained_pause_replays(procs: Processes) -
     _, b = memory(procs)
 
     async def main() -> None:
-        router = Router(hold_time=10, drain_timeout=2)
-        await router.repoint(a, 1)
-        assert await call(router, P.CMD_WRITE, 0, B, b"W" * B) == (0, b"")
+        router = await written(a, 10, 2)
         await router.pause(10)  # the manager's pause
         await router.repoint(b, 2)  # the follower's poll
         assert (await call(router, P.CMD_READ, 0, B))[1] == b"W" * B
@@ -84,9 +86,7 @@ def test_the_managers_push_after_a_drained_fence_replays_nothing(procs: Processe
     _, b = memory(procs)
 
     async def main() -> None:
-        router = Router(hold_time=10, drain_timeout=2)
-        await router.repoint(a, 1)
-        assert await call(router, P.CMD_WRITE, 0, B, b"W" * B) == (0, b"")
+        router = await written(a, 10, 2)
         await router.pause(10)
         result = await router.repoint(b, 2, replay=False)
         assert result.replay_writes == 0 and router.replayed == 0
@@ -105,9 +105,7 @@ def test_a_primary_gone_silently_loses_no_acknowledged_write(procs: Processes) -
     _, c = memory(procs)
 
     async def main() -> None:
-        router = Router(hold_time=30, drain_timeout=1)
-        await router.repoint(a, 1)
-        assert await call(router, P.CMD_WRITE, 0, B, b"W" * B) == (0, b"")
+        router = await written(a, 30, 1)
         os.kill(pa.pid, signal.SIGSTOP)
         try:
             late = asyncio.ensure_future(call(router, P.CMD_WRITE, B, B, b"L" * B))
@@ -187,9 +185,7 @@ def test_a_failed_replay_write_keeps_the_log_for_the_next_primary(procs: Process
     _, c = memory(procs)
 
     async def main() -> None:
-        router = Router(hold_time=30, drain_timeout=2)
-        await router.repoint(a, 1)
-        assert await call(router, P.CMD_WRITE, 0, B, b"W" * B) == (0, b"")
+        router = await written(a, 30, 2)
         procs.stop(pa, signal.SIGKILL)
         while router.upstream_alive:
             await asyncio.sleep(0.02)
