@@ -116,8 +116,12 @@ def test_entering_the_window_logged_ahead_logs_the_next_one_in_the_background(
     assert logged_regions(state) == set(range(9)) and t.hot[2] == AHEAD
     t.before_writes([8 * MiB], [4096])  # enters the window logged ahead: no record of its own
     assert t.hot[2] == WRITTEN
+
+    def settled() -> bool:  # the records on disk, then the regions' states set after them
+        return logged_regions(state) == set(range(16)) and PENDING not in list(t.hot[:16])
+
     deadline = time.monotonic() + 30
-    while logged_regions(state) != set(range(16)) and time.monotonic() < deadline:
+    while not settled() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert logged_regions(state) == set(range(16))  # the prelogger logged 9..15
     assert t.hot[9] == AHEAD and t.hot[10] == CARRIED
