@@ -51,28 +51,45 @@ def encode_extents(
     compressor: zstandard.ZstdCompressor,
 ) -> tuple[bytes, int]:
     """(payload, flags) of an EXTENT frame for the ranges OFFSETS/LENGTHS (bytes, sorted,
-    disjoint, whole blocks) whose data is PIECES, one block each, in order. Compressed when a
-    probe of its start shows that zstd saves a tenth or more; otherwise stored raw (FLAG_RAW),
-    spared the compressor here and the decompressor at the shadow, and copied once: straight
-    from the pieces into the payload."""
-    crcs = np.empty(len(pieces), dtype=np.uint32)
-    stored = store_crc32c(crcs, block_size, [(i * block_size, p) for i, p in enumerate(pieces)])
-    if stored != len(pieces):  # a piece not one whole block: never ship an unset crc
-        raise ValueError(f"EXTENT piece {stored} is not one block of {block_size} bytes")
+    disjoint, whole blocks) whose data is PIECES, whole blocks each, in order (a captured run
+    is one piece: no object per block). Compressed when a probe of its start shows that zstd
+    saves a tenth or more; otherwise stored raw (FLAG_RAW), spared the compressor here and the
+    decompressor at the shadow, and copied once: straight from the pieces into the payload."""
+    total = sum(len(p) for p in pieces)
+    crcs = np.empty(total // block_size, dtype=np.uint32)
+    writes, at = [], 0
+    for piece in pieces:
+        writes.append((at, piece))
+        at += len(piece)
+    stored = store_crc32c(crcs, block_size, writes)
+    if stored != len(pieces) or total % block_size:  # never ship an unset crc
+        raise ValueError(f"EXTENT piece {stored} is not whole blocks of {block_size} bytes")
     table = np.empty(len(offsets), dtype=ENTRY)
     table["offset"] = offsets
     table["length"] = lengths
     head = COUNT.pack(len(table)) + table.tobytes() + crcs.astype(">u4").tobytes()
-    probe = pieces[: PROBE // block_size]
-    if len(probe) < len(pieces):
-        sample = b"".join(probe)
+    if total > PROBE:
+        sample = _start(pieces, PROBE)
         if len(compressor.compress(sample)) > PAYS * len(sample):
             return b"".join([head, *pieces]), FLAG_RAW
-    data = b"".join(pieces)
+    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     packed = compressor.compress(data)
-    if len(packed) > PAYS * len(data):
-        return head + data, FLAG_RAW
+    if len(packed) > PAYS * total:
+        return b"".join([head, data]), FLAG_RAW
     return head + packed, 0
+
+
+def _start(pieces: Sequence[bytes | memoryview], size: int) -> bytes | memoryview:
+    """The first SIZE bytes of the pieces' data (a view when the first piece holds them)."""
+    if len(pieces[0]) >= size:
+        return memoryview(pieces[0])[:size]
+    taken, n = [], 0
+    for piece in pieces:
+        taken.append(piece)
+        n += len(piece)
+        if n >= size:
+            break
+    return b"".join(taken)[:size]
 
 
 def encode_extent(
@@ -80,9 +97,8 @@ def encode_extent(
 ) -> tuple[bytes, int]:
     """(payload, flags) of an EXTENT frame holding one run of blocks, DATA at OFFSET."""
     view = memoryview(data).cast("B")
-    pieces = [view[i : i + block_size] for i in range(0, len(view), block_size)]
     one = np.array([offset], dtype=np.uint64)
-    return encode_extents(one, np.array([len(view)]), pieces, block_size, compressor)
+    return encode_extents(one, np.array([len(view)]), [view], block_size, compressor)
 
 
 def decode_extents(
@@ -171,9 +187,3 @@ def check_range(offset: int, length: int, size: int, block_size: int) -> None:
         raise FrameError(ErrorCode.BAD_RANGE, f"range {offset}+{length} is not whole blocks")
     if offset + length > size:
         raise FrameError(ErrorCode.BAD_RANGE, f"range {offset}+{length} beyond volume size {size}")
-
-
-def zero_blocks(data: bytes | memoryview, block_size: int) -> np.ndarray:
-    """A bool per block of DATA: True where the block is all zeros."""
-    words = np.frombuffer(data, dtype=np.uint64).reshape(-1, block_size // 8)
-    return ~words.any(axis=1)

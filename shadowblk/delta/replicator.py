@@ -38,6 +38,7 @@ from typing import Any
 
 from shadowblk.delta.epoch import Epoch, Mark
 from shadowblk.delta.frames import volume_key
+from shadowblk.delta.heap import keep_freed_buffers
 from shadowblk.delta.primary_state import CHUNK, EpochCounter, claim
 from shadowblk.delta.shipper import ShadowLink
 from shadowblk.delta.volume_state import VOLUME_ID
@@ -104,7 +105,7 @@ class Replicator:
         self.lock = threading.Condition()
         self._owner = claim(self.state_dir)
         self.counter = EpochCounter(self.state_dir, volume_id, size, block_size)
-        self.open = Epoch()
+        self.open = Epoch(block_size)
         self.closed: list[Epoch] = []
         self.last_cut = 0
         self.fenced = False
@@ -117,6 +118,7 @@ class Replicator:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        keep_freed_buffers()  # captured writes and frames: reused heap, not fresh zeroed pages
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name=f"replicator-{self.volume_id}", daemon=True
@@ -213,7 +215,7 @@ class Replicator:
         if head:
             self._put_partial(offset, view[:head])
         if whole:
-            self.open.put_run((offset + head) // bs, view[head : head + whole], bs)
+            self.open.put_run((offset + head) // bs, view[head : head + whole])
         if head + whole < len(view):
             self._put_partial(offset + head + whole, view[head + whole :])
 
@@ -255,7 +257,7 @@ class Replicator:
     def _current_block(self, block: int) -> bytes:
         """The block's content as of the latest capture (for a partial-block write)."""
         for epoch in [self.open, *reversed(self.closed)]:
-            value = epoch.blocks.get(block)
+            value = epoch.block_at(block)
             if value is not None:
                 return value
             if epoch.mark_at(block) is not None:
@@ -316,7 +318,7 @@ class Replicator:
     def _cut(self, force: bool = False) -> int:
         if self.open.empty and not force:
             return self.last_cut
-        epoch, self.open = self.open, Epoch()
+        epoch, self.open = self.open, Epoch(self.block_size)
         epoch.number = self.counter.take()
         epoch.closed = time.monotonic()
         self.closed.append(epoch)

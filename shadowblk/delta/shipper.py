@@ -36,7 +36,7 @@ from shadowblk.delta.frames import (
 )
 from shadowblk.delta.primary_state import ShadowRecord, shadow_name
 from shadowblk.delta.sources import full_sync, resync
-from shadowblk.delta.stream import FrameReader, check, encode, read_frame
+from shadowblk.delta.stream import FrameReader, check, encode, encode_parts, read_frame
 
 if TYPE_CHECKING:
     from shadowblk.delta.replicator import Replicator
@@ -50,6 +50,8 @@ WINDOW_BYTES = 32 << 20
 INLINE_BYTES = 64 << 10  # epochs this small are encoded on the event loop
 BATCH_BYTES = 4 << 20  # frames made per worker-thread call
 SEND_BUFFER = 8 << 20  # frames queued in the transport before drain() waits: keeps TCP busy
+
+Wire = tuple[bytes, ...]  # a frame's bytes on the wire, in parts (see encode_parts)
 
 
 class ShadowRefused(Exception):
@@ -167,7 +169,7 @@ class _Session:
         self.writer = writer
         self.session = Session(self.rep.key, bytes(NONCE_SIZE))
         self.seq = 0
-        self.unconfirmed: list[tuple[int, bytes]] = []  # (seq, wire bytes), seqs contiguous
+        self.unconfirmed: list[tuple[int, Wire]] = []  # (seq, wire parts), seqs contiguous
         self.unconfirmed_bytes = 0
         self.pos = 0
         self.rewind_to: int | None = None
@@ -248,7 +250,7 @@ class _Session:
                 self.pos = self.rewind_to - self.unconfirmed[0][0] if self.unconfirmed else 0
                 self.rewind_to = None
             if self.pos < len(self.unconfirmed):
-                await self._write(self.unconfirmed[self.pos][1])
+                await self._write(list(self.unconfirmed[self.pos][1]))
                 self.pos += 1
                 continue
             if self.unconfirmed_bytes > WINDOW_BYTES:
@@ -266,29 +268,29 @@ class _Session:
                     await self._wait(PING_INTERVAL)
                     continue
                 frame = self.frame(FrameType.PING, seq=self.seq + 1)
-                made = [(frame, encode(frame, self.session))]
+                made = [(frame, encode_parts(frame, self.session))]
             for frame, wire in made:
                 self.seq += 1
                 if frame.type is FrameType.EPOCH_END and not frame.flags & FLAG_MERGE:
                     self.end_seq[frame.epoch] = self.seq
                 self.unconfirmed.append((self.seq, wire))
-                self.unconfirmed_bytes += len(wire)
+                self.unconfirmed_bytes += _size(wire)
                 self.pos += 1
-            await self._write(b"".join(wire for _, wire in made))  # one send for the batch
+            await self._write([part for _, wire in made for part in wire])
 
-    def _produce(self, budget: int) -> list[tuple[Frame, bytes]]:
+    def _produce(self, budget: int) -> list[tuple[Frame, Wire]]:
         """The next frames, sequenced, and their wire bytes: at least one if there is anything
         to send, more while they add up to less than BUDGET bytes (one thread hop for many)."""
-        made: list[tuple[Frame, bytes]] = []
+        made: list[tuple[Frame, Wire]] = []
         size = 0
         while not made or size < budget:
             frame = self._next()
             if frame is None:
                 break
             frame = replace(frame, seq=self.seq + 1 + len(made))
-            wire = encode(frame, self.session)
+            wire = encode_parts(frame, self.session)
             made.append((frame, wire))
-            size += len(wire)
+            size += _size(wire)
         return made
 
     def _small(self) -> bool:
@@ -309,11 +311,14 @@ class _Session:
         finally:
             timer.cancel()
 
-    async def _write(self, wire: bytes) -> None:
-        self.writer.write(wire)
+    async def _write(self, parts: list[bytes]) -> None:
+        """Send PARTS (frames' wire parts) in order, then wait for room: the transport sends
+        each at once or copies it into its buffer, never both (no joined copy first)."""
+        for part in parts:
+            self.writer.write(part)
         await self.writer.drain()
         self.last_sent = time.monotonic()
-        self.link.sent(len(wire))
+        self.link.sent(sum(len(part) for part in parts))
 
     def _next(self) -> Frame | None:
         """The next frame to send, or None when there is nothing to send right now."""
@@ -339,7 +344,7 @@ class _Session:
         if epoch is None:
             return None
         self.current_epoch = epoch
-        self.current = iter(epoch.changes(self.rep.block_size, self.compressor))
+        self.current = epoch.changes(self.rep.level)
         return self._next()
 
     def _progress(self) -> None:
@@ -406,9 +411,13 @@ class _Session:
         """The shadow holds every frame up to SEQ: forget them."""
         drop = 0
         while drop < len(self.unconfirmed) and self.unconfirmed[drop][0] <= seq:
-            self.unconfirmed_bytes -= len(self.unconfirmed[drop][1])
+            self.unconfirmed_bytes -= _size(self.unconfirmed[drop][1])
             drop += 1
         del self.unconfirmed[:drop]
         self.pos = max(0, self.pos - drop)
         if self.rewind_to is not None and self.rewind_to <= seq:
             self.rewind_to = None
+
+
+def _size(wire: Wire) -> int:
+    return sum(len(part) for part in wire)

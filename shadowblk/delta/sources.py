@@ -8,11 +8,9 @@ import errno
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import zstandard
 
-from shadowblk.delta.epoch import Change, block_changes, data_changes
-from shadowblk.delta.extents import zero_blocks
+from shadowblk.delta.epoch import Change, data_changes, piece_changes
 from shadowblk.delta.frames import MAX_EXTENT, FrameType
 from shadowblk.tracking.bitmap import DirtyBitmap
 
@@ -89,7 +87,5 @@ def _read_runs(
     fd: int, batch: list[tuple[int, int]], bs: int, compressor: zstandard.ZstdCompressor
 ) -> Iterator[Change]:
     """The changes of the runs BATCH (sorted, disjoint) as the volume holds them now."""
-    order = np.concatenate([np.arange(o // bs, (o + n) // bs, dtype=np.int64) for o, n in batch])
-    view = memoryview(b"".join([_read(fd, o, n) for o, n in batch]))
-    pieces = [view[i : i + bs] for i in range(0, len(view), bs)]
-    return block_changes(order, pieces, zero_blocks(view, bs), bs, compressor)
+    pieces = [(o // bs, (o + n) // bs, _read(fd, o, n)) for o, n in batch]
+    return iter(piece_changes(pieces, bs, compressor))

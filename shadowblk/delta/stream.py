@@ -32,11 +32,17 @@ from shadowblk.delta.frames import (
 
 def encode(frame: Frame, session: Session) -> bytes:
     """The bytes of FRAME on the wire, tagged when the session has a key."""
+    return b"".join(encode_parts(frame, session))
+
+
+def encode_parts(frame: Frame, session: Session) -> tuple[bytes, ...]:
+    """FRAME on the wire as (header, payload[, tag]): a sender hands the parts to its transport
+    as they are, and the payload is not copied here only to be copied again there."""
     flags = frame.flags | (FLAG_HMAC if session.key is not None else 0)
     head = encode_header(frame, flags)
     if session.key is None:
-        return head + frame.payload
-    return head + frame.payload + session.tag(head, frame.payload)
+        return head, frame.payload
+    return head, frame.payload, session.tag(head, frame.payload)
 
 
 @dataclass(frozen=True)

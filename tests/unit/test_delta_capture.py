@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from shadowblk.delta.epoch import Epoch
 from shadowblk.delta.replicator import Replicator
 
 BS = 4096
@@ -35,13 +36,23 @@ def test_batches_capture_what_single_writes_capture(tmp_path: Path, seed: int) -
             model[offset : offset + len(data)] = data
             reps[0].on_write(offset, data)  # the volume itself is never written: a batch
         reps[1].on_writes(batch)  # comes before any of its writes reaches the volume
-        for rep in reps:
-            assert rep.open.blocks, "nothing captured"
-            for block, data in rep.open.blocks.items():
+        captured = [held(rep.open) for rep in reps]
+        for blocks, rep in zip(captured, reps, strict=True):
+            assert blocks, "nothing captured"
+            for block, data in blocks.items():
                 assert data == model[block * BS : (block + 1) * BS], block
-            assert rep.open.nbytes == len(rep.open.blocks) * BS
-        assert reps[0].open.blocks.keys() == reps[1].open.blocks.keys()
+            assert rep.open.nbytes == len(blocks) * BS
+        assert captured[0].keys() == captured[1].keys()
     finally:
         for rep in reps:
             rep.close()
         os.close(fd)
+
+
+def held(epoch: Epoch) -> dict[int, bytes]:
+    """Block number -> data of every block the epoch's runs hold."""
+    return {
+        block: epoch.block_at(block)
+        for start, end, _ in epoch.pieces()
+        for block in range(start, end)
+    }

@@ -8,6 +8,7 @@ import random
 import pytest
 import zstandard
 
+from shadowblk._native import zeroscan
 from shadowblk.delta.epoch import Epoch, Mark
 from shadowblk.delta.extents import decode_extents
 from shadowblk.delta.frames import Frame, FrameType
@@ -21,13 +22,13 @@ def test_frames_replay_the_writes_in_order(seed: int) -> None:
     rng = random.Random(seed)
     base = bytearray(rng.randbytes(BS * NBLOCKS))
     model = bytearray(base)
-    epoch = Epoch()
+    epoch = Epoch(BS)
     for _ in range(rng.randint(1, 40)):
         start = rng.randrange(NBLOCKS)
         end = rng.randint(start + 1, min(NBLOCKS, start + 12))
         if rng.random() < 0.3:  # a run of whole blocks in one call, as on_write captures it
             data = rng.randbytes((end - start) * BS)
-            epoch.put_run(start, memoryview(data), BS)
+            epoch.put_run(start, memoryview(data))
             model[start * BS : end * BS] = data
         elif rng.random() < 0.6:
             for block in range(start, end):
@@ -37,11 +38,12 @@ def test_frames_replay_the_writes_in_order(seed: int) -> None:
         else:
             epoch.mark(start, end, rng.choice([Mark.ZERO, Mark.TRIM]))
             model[start * BS : end * BS] = bytes((end - start) * BS)
-    assert epoch.nbytes == len(epoch.blocks) * BS
+    held = {b for s, e, _ in epoch.pieces() for b in range(s, e)}
+    assert epoch.nbytes == len(held) * BS == sum(len(d) for _, _, d in epoch.pieces())
     replica = bytearray(base)
     covered: set[int] = set()
     dctx = zstandard.ZstdDecompressor()
-    for change in epoch.changes(BS, zstandard.ZstdCompressor()):
+    for change in epoch.changes(1):
         if change.type is FrameType.EXTENT:
             frame = Frame(change.type, offset=change.offset, length=change.length,
                           payload=change.payload, flags=change.flags)  # fmt: skip
@@ -57,15 +59,112 @@ def test_frames_replay_the_writes_in_order(seed: int) -> None:
             replica[offset : offset + length] = view[at : at + length]
             at += length
     assert replica == model
-    assert covered == set(epoch.blocks) | {b for s, e, _ in epoch.marks for b in range(s, e)}
+    assert covered == held | {b for s, e, _ in epoch.marks for b in range(s, e)}
     for block in range(NBLOCKS):
         assert (epoch.mark_at(block) is not None) == any(s <= block < e for s, e, _ in epoch.marks)
 
 
 def test_discarding_a_huge_range_is_one_entry() -> None:
-    epoch = Epoch()
+    epoch = Epoch(BS)
     epoch.put(5, b"x" * BS)
     epoch.mark(0, 1 << 40, Mark.TRIM)
     epoch.put(7, b"y" * BS)
-    assert epoch.blocks.keys() == {7}
+    assert epoch.ranges()[0] == (7, 8) and epoch.nbytes == BS
     assert epoch.marks == [(0, 7, Mark.TRIM), (8, 1 << 40, Mark.TRIM)]
+
+
+def replay(epoch: Epoch, size: int) -> tuple[bytearray, list[int]]:
+    """The epoch's frames applied to a zeroed volume of SIZE bytes, and every block they carry
+    data or a range for, as often as they carry it."""
+    image, carried = bytearray(size), []
+    dctx = zstandard.ZstdDecompressor()
+    for change in epoch.changes(1):
+        if change.type is FrameType.EXTENT:
+            frame = Frame(change.type, offset=change.offset, length=change.length,
+                          payload=change.payload, flags=change.flags)  # fmt: skip
+            got = decode_extents(frame, size, epoch.block_size, dctx)
+            at = 0
+            for offset, length in zip(got.offsets, got.lengths, strict=True):
+                image[offset : offset + length] = memoryview(got.data)[at : at + length]
+                at += length
+                carried += range(offset // epoch.block_size, (offset + length) // epoch.block_size)
+        else:
+            image[change.offset : change.offset + change.length] = bytes(change.length)
+            bs = epoch.block_size
+            carried += range(change.offset // bs, (change.offset + change.length) // bs)
+    return image, carried
+
+
+def test_a_block_rewritten_in_an_epoch_travels_once() -> None:
+    epoch = Epoch(BS)
+    a, b, c = (bytes([v]) * BS for v in (1, 2, 3))
+    epoch.put_run(0, a * 8)  # blocks 0-7
+    epoch.put_run(4, b * 8)  # 4-11 over the first run's tail
+    epoch.put(6, c)  # one block inside the second run
+    epoch.put_run(10, a * 2)  # 10-11, the second run's tail again
+    assert epoch.nbytes == 12 * BS
+    image, carried = replay(epoch, 16 * BS)
+    assert sorted(carried) == list(range(12))  # every block once
+    assert image[: 12 * BS] == a * 4 + b * 2 + c + b * 3 + a * 2
+
+
+def test_marks_cut_runs_and_runs_cut_marks() -> None:
+    epoch = Epoch(BS)
+    data = bytes(range(256)) * (16 * BS // 256)
+    epoch.put_run(0, data)  # blocks 0-15
+    epoch.mark(4, 8, Mark.TRIM)
+    assert [(s, e) for s, e, _ in epoch.pieces()] == [(0, 4), (8, 16)]
+    assert epoch.nbytes == 12 * BS and epoch.block_at(5) is None and epoch.mark_at(5) is Mark.TRIM
+    epoch.put_run(6, b"\x07" * 4 * BS)  # blocks 6-9: over the mark's tail and the run's head
+    epoch.mark(15, 20, Mark.ZERO)
+    assert epoch.marks == [(4, 6, Mark.TRIM), (15, 20, Mark.ZERO)]
+    assert [(s, e) for s, e, _ in epoch.pieces()] == [(0, 4), (6, 10), (10, 15)]
+    image, carried = replay(epoch, 32 * BS)
+    assert sorted(carried) == list(range(20))
+    assert image[: 4 * BS] == data[: 4 * BS]
+    assert image[4 * BS : 6 * BS] == bytes(2 * BS)
+    assert image[6 * BS : 10 * BS] == b"\x07" * 4 * BS
+    assert image[10 * BS : 15 * BS] == data[10 * BS : 15 * BS]
+
+
+def test_a_run_longer_than_a_frame_spans_frames() -> None:
+    """A 2.5 MiB write: one run, three frames of at most MAX_EXTENT bytes."""
+    epoch = Epoch(4096)
+    data = random.Random(2).randbytes(640 * 4096)
+    epoch.put_run(100, memoryview(data))
+    changes = list(epoch.changes(1))
+    assert [c.length for c in changes] == [1 << 20, 1 << 20, 128 * 4096]
+    image, carried = replay(epoch, 1024 * 4096)
+    assert sorted(carried) == list(range(100, 740))
+    assert image[100 * 4096 : 740 * 4096] == data
+
+
+def test_what_a_trimmed_run_keeps_does_not_pin_its_whole_write() -> None:
+    """A small remnant of a big write is copied, so the big buffer can go."""
+    epoch = Epoch(BS)
+    epoch.put_run(0, b"\x01" * 64 * BS)
+    epoch.put_run(0, b"\x02" * 63 * BS)
+    remnant = epoch.pieces()[-1]
+    assert remnant[:2] == (63, 64) and isinstance(remnant[2], bytes)
+    epoch.put_run(40, b"\x03" * 2 * BS)  # most of a run stays: a view is enough
+    assert isinstance(epoch.pieces()[0][2], memoryview)
+    assert epoch.nbytes == 64 * BS
+
+
+def test_a_write_is_captured_as_it_was_when_written() -> None:
+    """The client's buffer, reused after the write, does not change the epoch (I1)."""
+    epoch = Epoch(BS)
+    buf = bytearray(b"\x05" * 3 * BS)
+    epoch.put_run(2, memoryview(buf))
+    epoch.put_run(9, memoryview(buf)[:BS])
+    buf[:] = b"\x06" * 3 * BS
+    assert epoch.block_at(3) == b"\x05" * BS and epoch.block_at(9) == b"\x05" * BS
+
+
+def test_zero_mask_finds_all_zero_blocks_across_pieces() -> None:
+    late = bytearray(BS)
+    late[-1] = 1  # zeros up to its last byte: not a zero block
+    pieces = [bytes(2 * BS), memoryview(bytes(late) + bytes(BS)), b"\x01" + bytes(BS - 1)]
+    assert zeroscan.zero_mask(pieces, BS).tolist() == [True, True, False, True, False]
+    with pytest.raises(ValueError, match="not whole blocks"):
+        zeroscan.zero_mask([bytes(BS + 1)], BS)

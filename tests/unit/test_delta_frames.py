@@ -110,8 +110,10 @@ def test_one_frame_carries_many_scattered_runs() -> None:
     rng = random.Random(1)
     blocks = {b: rng.randbytes(4096) for b in rng.sample(range(SIZE // 4096), 600)}
     blocks.update({b: bytes(4096) for b in (3, 4, 9)})
-    epoch = Epoch(blocks=blocks)
-    changes = epoch.changes(4096, zstandard.ZstdCompressor(level=1))
+    epoch = Epoch(4096)
+    for block, data in blocks.items():
+        epoch.put(block, data)
+    changes = list(epoch.changes(1))
     extents = [c for c in changes if c.type is FrameType.EXTENT]
     assert len(extents) == 3  # 600 one-block runs, MAX_EXTENT / 4096 = 256 blocks a frame
     assert {(c.offset, c.length) for c in changes if c.type is FrameType.ZERO} == {

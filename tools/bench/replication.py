@@ -11,7 +11,8 @@ set: zstd level 1 on the data (one core, 1 MiB pieces, as the shipper compresses
 then replication against a real `shadowblk shadow` process: the full sync of a new shadow and
 streaming (1 MiB sequential writes captured by the Replicator, cut every 8 MiB, until the shadow
 applied everything). Replication figures count data bytes (the ext4 image's holes are not data);
-the CPU time of both processes per GiB replicated is the figure the load moves least.
+the CPU time of both processes per GiB replicated is the figure the load moves least (and, while
+streaming, each process's CPU ms per MiB; the primary's includes the benchmark's own writes).
 Prints a markdown table of medians and of each replication figure as a share of the limits.
 """
 
@@ -171,12 +172,18 @@ def cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a running process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def replication(
     work: Path, image: Path, size: int, level: int, pieces: list[tuple[int, bytes]]
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float, float]:
     """(full sync MiB/s of IMAGE to a new shadow, streaming MiB/s of PIECES written over it, CPU
-    seconds of both processes per GiB replicated) of data bytes, against a real `shadowblk
-    shadow` process."""
+    seconds of both processes per GiB replicated, and the streaming's CPU ms per MiB in the
+    primary and in the shadow) of data bytes, against a real `shadowblk shadow` process."""
     cpu = -cpu_seconds(resource.RUSAGE_SELF) - cpu_seconds(resource.RUSAGE_CHILDREN)
     key = work / "key"
     key.write_text(os.urandom(32).hex())
@@ -201,6 +208,7 @@ def replication(
             raise RuntimeError(f"full sync did not finish: {rep.status()}")
         full = data_bytes / MiB / (time.perf_counter() - start)
         start = time.perf_counter()
+        mine, theirs = cpu_seconds(resource.RUSAGE_SELF), proc_cpu_seconds(proc.pid)
         since_cut = 0
         for base, data in pieces:
             view = memoryview(data)
@@ -215,6 +223,8 @@ def replication(
         if not rep.drain(600):
             raise RuntimeError(f"stream did not drain: {rep.status()}")
         streaming = data_bytes / MiB / (time.perf_counter() - start)
+        mine = cpu_seconds(resource.RUSAGE_SELF) - mine
+        theirs = proc_cpu_seconds(proc.pid) - theirs
         rep.close()
     finally:
         proc.terminate()
@@ -223,7 +233,8 @@ def replication(
         shutil.rmtree(work / "shadow", ignore_errors=True)
         shutil.rmtree(work / "state", ignore_errors=True)
     cpu += cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
-    return full, streaming, cpu / (2 * data_bytes / (1 << 30))
+    per_mib = 1000 * MiB / data_bytes
+    return full, streaming, cpu / (2 * data_bytes / (1 << 30)), mine * per_mib, theirs * per_mib
 
 
 def measure(work: Path, name: str, size: int, level: int, rounds: int) -> dict[str, list[float]]:
@@ -240,7 +251,7 @@ def measure(work: Path, name: str, size: int, level: int, rounds: int) -> dict[s
         zstd, ratio = zstd_rate(pieces, level)
         tcp = tcp_rate(max(data_bytes, 256 * MiB) // MiB * MiB)
         disk = disk_rate(work / "disk.test", max(data_bytes, 64 * MiB) // MiB * MiB)
-        full, streaming, cpu = replication(work, image, size, level, pieces)
+        full, streaming, cpu, primary, shadow = replication(work, image, size, level, pieces)
         for key, value in [
             ("zstd", zstd),
             ("ratio", ratio),
@@ -249,6 +260,8 @@ def measure(work: Path, name: str, size: int, level: int, rounds: int) -> dict[s
             ("full", full),
             ("streaming", streaming),
             ("cpu", cpu),
+            ("primary ms", primary),
+            ("shadow ms", shadow),
             ("full/zstd", full / zstd),
             ("full/tcp", full / tcp),
             ("streaming/zstd", streaming / zstd),
@@ -278,6 +291,10 @@ def report(size: int, level: int, rounds: int, results: dict[str, dict[str, list
         ("full sync of a new shadow (MiB/s)", lambda n: f"{med(n, 'full'):.0f}"),
         ("streaming 1 MiB writes until applied (MiB/s)", lambda n: f"{med(n, 'streaming'):.0f}"),
         ("CPU s per GiB replicated, both sides", lambda n: f"{med(n, 'cpu'):.1f}"),
+        (
+            "streaming CPU ms per MiB: primary, shadow",
+            lambda n: f"{med(n, 'primary ms'):.1f}, {med(n, 'shadow ms'):.1f}",
+        ),
         ("full sync / zstd, / TCP", lambda n: _shares(results[n], "full", ("zstd", "tcp"))),
         (
             "streaming / zstd, / TCP, / disk",
