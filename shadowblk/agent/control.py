@@ -5,11 +5,15 @@ heartbeat while the VM's I/O is held, so the manager calls these at once:
 
     POST /v1/volumes/NAME/drain    {"timeout": S}      -> the primary shipped what it has
     POST /v1/volumes/NAME/fence    {"drain": S}        -> the old primary's final epoch
+                                   ("dirty": G: with `dirty` since seen's answer, below)
     POST /v1/volumes/NAME/hold     {"seconds": S}      -> the shadow server refuses NAME for
                                                           up to S s while it changes role (0: end)
     POST /v1/volumes/NAME/prepare  {"volume": {...}}   -> a standby `serve` on the shadow
     POST /v1/volumes/NAME/prime    {"wait": S}         -> the shadow server checkpointed NAME
                                                           (answered within S s: "checkpointed")
+    POST /v1/volumes/NAME/handover {"seconds": S}      -> the shadow server let go of NAME (its
+                                                          checkpoint made) and refuses it for S s,
+                                                          ahead of `promote` (0: takes it back)
     POST /v1/volumes/NAME/promote  {"volume": {...}}   -> endpoint, epoch, steps_ms (NAME held
                                                           by the shadow server until `hold` 0)
     POST /v1/volumes/NAME/demote   {"volume": {...}}   -> "resync" or "full-sync"
@@ -54,7 +58,10 @@ from shadowblk.agent.udev_watch import PREFIX, DeviceEvent
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
-CALLS = "drain|fence|hold|prepare|prime|promote|demote|dirty|crcs|blocks|repair|discrepancies|scrub"
+CALLS = (
+    "drain|fence|hold|prepare|prime|handover|promote|demote|dirty|crcs|blocks|repair"
+    "|discrepancies|scrub"
+)
 PATH = re.compile(rf"^/v1/volumes/([A-Za-z0-9][A-Za-z0-9._-]{{0,62}})/({CALLS})$")
 DEVICES = "/v1/devices"
 DEVICE_NAME = re.compile(rf"^{PREFIX}[A-Za-z0-9][A-Za-z0-9._-]{{0,62}}$")
@@ -78,12 +85,17 @@ def actions(hosting: Hosting) -> dict[str, Callable[[str, dict[str, Any]], Any]]
     """What each call does to HOSTING."""
     return {
         "drain": lambda name, body: hosting.drain(name, float(body.get("timeout", 30.0))),
-        "fence": lambda name, body: hosting.fence(name, float(body.get("drain", 5.0))),
+        "fence": lambda name, body: hosting.fence(
+            name,
+            float(body.get("drain", 5.0)),
+            None if body.get("dirty") is None else int(body["dirty"]),
+        ),
         "hold": lambda name, body: (
             hosting.hold(name, float(body.get("seconds", 60.0))) or {"ok": True}
         ),
         "prepare": lambda name, body: hosting.prepare(name, _volume(body)) or {"ok": True},
         "prime": lambda name, body: hosting.prime(name, float(body.get("wait", 5.0))),
+        "handover": lambda name, body: hosting.handover(name, float(body.get("seconds", 120.0))),
         "promote": lambda name, body: hosting.promote(name, _volume(body)),
         "demote": lambda name, body: {"resync": hosting.demote(name, _volume(body))},
         "dirty": lambda name, body: dirty_check.primary_dirty(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shadowblk.agent import switch
+from shadowblk.agent import dirty_check, switch
 from shadowblk.agent.children import SHADOWBLK, Child
 from shadowblk.nbd import fence
 from shadowblk.timings import Timings
@@ -76,6 +76,28 @@ def shadow_servers(volume: dict[str, Any]) -> list[str]:
     return [s["server"] for s in volume.get("shadows", [])]
 
 
+def _in_thread(func: Callable[..., None], *args: Any) -> Callable[[], None]:
+    """FUNC(*ARGS) started on a thread now; the function returned waits for it to end and
+    raises what it raised."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            func(*args)
+        except BaseException as err:  # handed to the waiter
+            failed.append(err)
+
+    thread = threading.Thread(target=run, name="settle", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return wait
+
+
 def _wait(proc: subprocess.Popen, what: str) -> None:
     try:
         proc.wait(STOP_WAIT_S)
@@ -93,6 +115,7 @@ class RoleChanges:
     _leased: dict[str, float]
     lease_until: float
     lock: threading.RLock
+    data_dir: Path
     primaries_dir: Path
     shadows_dir: Path
     private_dir: Path
@@ -208,8 +231,13 @@ class RoleChanges:
         except (OSError, ValueError) as err:
             log.warning("lease of %s not renewed: %s", name, err)
 
-    def fence(self, name: str, drain_s: float) -> dict[str, Any]:
-        """Fence NAME's primary for good and ship its last epoch (SwitchError if not hosted)."""
+    def fence(self, name: str, drain_s: float, dirty: int | None = None) -> dict[str, Any]:
+        """Fence NAME's primary for good and ship its last epoch (SwitchError if not hosted).
+        DIRTY (the generation the compare started at): the answer also carries the blocks
+        whose map entry changed since the compare before the pause (`dirty` with `since`
+        `seen`, dirty_check.primary_dirty), so that the compare in the pause makes one call
+        less. Read once the fence answered: the fenced `serve` refuses every write for good,
+        so its map no longer changes, exactly as for that call made afterwards."""
         with self.lock:
             rec = self.volumes.get(name)
             if rec is None or rec["role"] != "primary":
@@ -222,6 +250,13 @@ class RoleChanges:
         )
         if not answer.get("ok"):
             raise switch.SwitchError(f"{name}: fence refused: {answer.get('error')}")
+        if dirty is not None and answer.get("drained"):
+            try:
+                answer["dirty"] = dirty_check.primary_dirty(
+                    self.data_dir, name, dirty, since_seen=True
+                )
+            except (dirty_check.CheckError, OSError, ValueError) as err:  # the compare asks
+                answer["dirty_error"] = str(err)  # again, and says what it got
         return answer
 
     def drain(self, name: str, timeout_s: float) -> dict[str, Any]:
@@ -284,12 +319,34 @@ class RoleChanges:
         answer = self._shadow_call(cmd)
         return {"checkpointed": bool(answer and answer.get("checkpointed"))}
 
+    def handover(self, name: str, seconds: float) -> dict[str, Any]:
+        """The shadow server lets go of NAME now, ahead of `promote` (a planned switchover's
+        pause: its checkpoint's syncs overlap the checksum compare, which reads the files, not
+        the shadow server), and refuses streams for it for SECONDS; 0: it takes NAME back (a
+        switchover that will not promote, e.g. an aborted compare). Safe once the old primary
+        is fenced and its last epoch applied (the manager calls it only then): nothing more
+        may reach the shadow (its stream would be the fenced primary's), the hand-over changes
+        no content (the stream ends at the epoch boundary it is at, checkpointed: image, map
+        and state durable at the applied epoch, I1), and the hold keeps every stream out
+        until the demotion, as `promote`'s own hand-over does."""
+        with self.lock:
+            rec = self.volumes.get(name)
+            if rec is None or rec["role"] != "shadow":
+                raise switch.SwitchError(f"{name}: no shadow of it here")
+        if seconds <= 0:
+            self._unhold(name)
+        else:
+            self._hand_over(name, seconds)
+        return {"ok": True}
+
     def promote(self, name: str, volume: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         """Make the shadow of NAME its primary at VOLUME's generation; its endpoint, epoch and
         the milliseconds of each step. The shadow server hands NAME over (it finishes and
-        checkpoints the epoch it applies; its other volumes keep streaming) and refuses
-        streams for it until the manager releases it (`hold` 0) once the old primary is
-        demoted: else it would take the fenced old primary's stream again."""
+        checkpoints the epoch it applies; its other volumes keep streaming; if `handover` came
+        first, the shadow server no longer has it and answers at once: asked all the same, in
+        case it was restarted meanwhile and loaded the volume again) and refuses streams for
+        it until the manager releases it (`hold` 0) once the old primary is demoted: else it
+        would take the fenced old primary's stream again."""
         with self.lock:
             rec = self.volumes.get(name)
             if rec is None or rec["role"] != "shadow":
@@ -342,14 +399,19 @@ class RoleChanges:
         steps.mark("take_ms")
         self.volumes[name] = {"role": "primary", "volume": volume, "port": rec.get("port")}
         self.leases[name] = self.lease_until  # the agent's, until its next heartbeat
+        settled: Callable[[], None] | None = None
         if waiting and child is not None:
             child.name = f"primary {name}"
             child.argv = lambda: self._serve_argv(name, self.volumes[name])
             go = {"op": "go", "lease": self.lease_left(name)}
             try:
                 fence.command(control_socket(self.primaries_dir, name), go)
-            finally:  # before `promote` answers: no write reaches the new primary before it
+            except BaseException:
                 switch.settle(self.shadows_dir, self.primaries_dir, name)
+                raise
+            # settled before `promote` answers (no write reaches the new primary before it),
+            # on a thread: its syncs overlap agent.json's below and the standby's start
+            settled = _in_thread(switch.settle, self.shadows_dir, self.primaries_dir, name)
             self._leased[name] = self.leases[name]
         else:
             if child is not None:
@@ -357,10 +419,12 @@ class RoleChanges:
             child = self._primary_child(name)
             self._start_serve(child)  # no standby (an emergency without one): the zygote
         self.children[name] = child
-        steps.mark("go_ms")
         if not held:
             self._unhold(name)
         self.save()
+        if settled is not None:
+            settled()
+        steps.mark("go_ms")
         return child, epoch
 
     def _drop_standby(self, name: str) -> None:

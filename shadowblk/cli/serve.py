@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import logging
 import re
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,14 @@ from shadowblk.tracking.tracker import StateError, WriteTracker
 log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _load_native_loop() -> None:
+    """Import the native NBD loop now: the server imports it when it is built, which for a
+    standby is after `go`, in a switchover's pause (a shared object's load: ~5 ms on a busy
+    machine). Not built: the server says so and serves from Python, as before."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module("shadowblk._native.nbdloop")
 
 
 def parse_size(text: str) -> int:
@@ -314,6 +325,7 @@ def command(
     fence = Fence(lease) if control_socket is not None else None
     control = ControlSocket(control_socket, fence) if control_socket and fence else None
     if standby and control is not None:
+        _load_native_loop()
         log.info("standby: waiting for go on %s", control_socket)
         control.go.wait()
     try:
@@ -336,17 +348,22 @@ def command(
         if tracker is None and state_dir is not None and not read_only:
             tracker = WriteTracker(state_dir, backend.size, block_size, save_interval=save_interval)
         export = Export(export_name, backend, preferred_block=block_size)
-        observer = replication.observer(export_name, backend, block_size, state_dir)
-        crc_observer = (
-            ChecksumObserver(
-                state_dir,
-                backend,
-                block_size,
-                epoch=observer and (lambda: observer.replicator.last_cut),
-            )
+        # the checksum map opens (its header's sync; a rebuild if it is not trusted) on a
+        # thread while the replication state is read: both before the ready line, neither
+        # depends on the other (a promoted standby's start is in a switchover's pause)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="checksum-map")
+        opening = (
+            pool.submit(ChecksumObserver, state_dir, backend, block_size)
             if checksums and state_dir is not None
             else None
         )
+        pool.shutdown(wait=False)
+        try:
+            observer = replication.observer(export_name, backend, block_size, state_dir)
+        finally:
+            crc_observer = None if opening is None else opening.result()
+        if crc_observer is not None and observer is not None:
+            crc_observer.epoch = lambda: observer.replicator.last_cut
 
         def on_quiet() -> None:
             if scrubs is not None:  # first: a running scrub stops before what it uses closes

@@ -34,6 +34,7 @@ VERSION = 1
 HEADER_BYTES = 4096
 DEFAULT_BLOCK_SIZE = 4096
 FLAG_CLEAN = 1
+LIVE_READS = 3  # a live map's header read this many times at most while it fails its crc
 _HEADER = struct.Struct("<8sHHIQQQI")  # magic, version, flags, block size, size, blocks, epoch, crc
 _HEADER_CRC = struct.Struct("<I")
 
@@ -86,6 +87,7 @@ class ChecksumMap:
         self.rebuilt_reason: str | None = None
         """Why the map was rebuilt from the data when opened (None: loaded as saved)."""
         self._clean_on_disk = False  # the header on disk says clean: clear it before a change
+        self._stamped: tuple[int, int] | None = None  # (entries crc, epoch) of that header
 
     # --- creating and opening -----------------------------------------------------------------
 
@@ -267,14 +269,24 @@ class ChecksumMap:
         self.epoch = epoch
 
     def flush(self) -> None:
-        """Make the entries durable, then stamp the header clean with their checksum."""
+        """Make the entries durable and stamp the header clean with their checksum, under one
+        fsync (the mapping's pages and the header's write both belong to the file: an fsync
+        writes them all; msync(MS_SYNC) is the same call on Linux). A crash in that fsync may
+        leave the new header with some old entries, or new entries under the old header, which
+        says not clean (the first change after a flush wrote it, durably): either way the map
+        is rebuilt at the next open, never trusted (the header's crc of the entries tells a
+        torn pair). Nothing changed since the last flush (same entries, same epoch, the clean
+        header on disk): no write and no sync at all, so that `close` right after a checkpoint
+        (a shadow's hand-over in a switchover's pause) costs none. The entries' crc is
+        compared, not a flag: a repair writes entries through its own mapping."""
         self._require_writable()
-        self.crcs.flush()
-        os.fsync(self._fd)
-        self._write_header(clean=True)
+        entries_crc = crc32c.crc32c(self.crcs)
+        if self._clean_on_disk and self._stamped == (entries_crc, self.epoch):
+            return
+        self._write_header(clean=True, entries_crc=entries_crc)
 
     def close(self) -> None:
-        """Flush (writable maps) and release the file."""
+        """Flush (writable maps; nothing to write if nothing changed) and release the file."""
         if self._fd < 0:
             return
         if self.writable:
@@ -298,14 +310,17 @@ class ChecksumMap:
         if self._clean_on_disk:
             self._write_header(clean=False)
 
-    def _write_header(self, clean: bool) -> None:
-        entries_crc = crc32c.crc32c(self.crcs) if clean else 0
+    def _write_header(self, clean: bool, entries_crc: int = 0) -> None:
+        """The header, durably (with the entries: one fsync of the file). Not CLEAN: before
+        the first change after a flush, so that a crash mid-change leaves a map never trusted
+        (this sync must come before any entry changes)."""
         header = _pack_header(
             FLAG_CLEAN if clean else 0, self.block_size, self.size, self.epoch, entries_crc
         )
         os.pwrite(self._fd, header, 0)
         os.fsync(self._fd)
         self._clean_on_disk = clean
+        self._stamped = (entries_crc, self.epoch) if clean else None
 
 
 _ZERO_CRCS: dict[int, int] = {}
@@ -326,20 +341,24 @@ class LiveMap:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise MapInvalidError(f"{path}: missing") from None
-        if len(raw) < HEADER_BYTES:
-            raise MapInvalidError(f"{path}: {len(raw)} bytes, too short for a map header")
-        head = raw[: _HEADER.size]
-        magic, _, flags, self.block_size, self.size, self.blocks, self.epoch, _ = (
-            _HEADER.unpack_from(head)
-        )
-        if magic != MAGIC:
-            raise MapInvalidError(f"{path}: not a shadowblk checksum map (magic {magic!r})")
-        if _HEADER_CRC.unpack_from(raw, _HEADER.size)[0] != crc32c.crc32c(head):
-            raise MapInvalidError(f"{path}: header checksum mismatch (corrupt)")
+        for attempt in range(LIVE_READS):  # a header read while its writer rewrites it (a
+            # shadow's checkpoint beside a switchover's compare) may be torn: read again
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raise MapInvalidError(f"{path}: missing") from None
+            if len(raw) < HEADER_BYTES:
+                raise MapInvalidError(f"{path}: {len(raw)} bytes, too short for a map header")
+            head = raw[: _HEADER.size]
+            magic, _, flags, self.block_size, self.size, self.blocks, self.epoch, _ = (
+                _HEADER.unpack_from(head)
+            )
+            if magic != MAGIC:
+                raise MapInvalidError(f"{path}: not a shadowblk checksum map (magic {magic!r})")
+            if _HEADER_CRC.unpack_from(raw, _HEADER.size)[0] == crc32c.crc32c(head):
+                break
+            if attempt == LIVE_READS - 1:
+                raise MapInvalidError(f"{path}: header checksum mismatch (corrupt)")
         if len(raw) != HEADER_BYTES + 4 * self.blocks:
             raise MapInvalidError(f"{path}: {len(raw)} bytes for {self.blocks} entries")
         self.path = path

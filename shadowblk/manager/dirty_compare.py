@@ -125,11 +125,13 @@ async def before_pause(call: Call, plan: dict[str, Any], name: str, before: int)
 
 
 async def in_pause(
-    call: Call, plan: dict[str, Any], name: str, before: int, after: int, early: Early
-) -> dict[str, Any]:
+    call: Call, plan: dict[str, Any], name: str, before: int, after: int, early: Early,
+    changed: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The end of the compare, the old primary fenced: the blocks changed since EARLY and those
     that differed then; repair the target's (whose verified map is kept for generation AFTER,
-    unless the compare is partial); the record's `checksums`."""
+    unless the compare is partial); the record's `checksums`. CHANGED: the old primary's
+    `dirty` since seen answer, if the fence's answer brought it (one call less)."""
     started = time.monotonic()
     checks = dict(early.checks)
     if not early.compared:
@@ -137,7 +139,8 @@ async def in_pause(
     old, new = plan["from_control"], plan["to_control"]
     total, bs = checks["blocks_total"], checks["block_size"]
     try:
-        changed = await call(old, name, "dirty", {"generation": before, "since": "seen"})
+        if changed is None:
+            changed = await call(old, name, "dirty", {"generation": before, "since": "seen"})
         moved = unpack_blocks(changed["blocks"], total)
         expected = dict(zip(early.suspects.tolist(), early.expected.tolist(), strict=True))
         expected.update(zip(moved.tolist(), unpack(changed["crcs"]).tolist(), strict=True))

@@ -149,25 +149,46 @@ class Switchovers:
             drained = await self._drain(plan, name)
             t.mark("prime_ms")
             urls = volume.get("attachments", [])
-            paused = await self._each_attach(name, urls, "pause", {"limit_s": PAUSE_LIMIT_S})
-            t.mark("gate_ms")
+            # the CAS runs while the routers close their gates (one round trip less in the
+            # pause): it changes only the store, and nothing acts on it before the fence below,
+            # which waits for both: the old primary takes writes until then (shipped in its
+            # last epoch, I2), the target none until its promotion (I3); a follower repoints
+            # only to a primary whose agent reports it running, i.e. after the promotion
+            cas = asyncio.ensure_future(
+                self.manager.run(fleet.raise_generation, name, plan["to"], volume["generation"])
+            )
+            try:
+                paused = await self._each_attach(name, urls, "pause", {"limit_s": PAUSE_LIMIT_S})
+            except BaseException:
+                await asyncio.gather(cas, return_exceptions=True)
+                raise
+            t.mark("gate_ms")  # cas_ms below: what the CAS took beyond the gate
             repointed: dict[str, dict] = {}
+            handover: asyncio.Future | None = None
             try:
                 try:
-                    after = await self.manager.run(
-                        fleet.raise_generation, name, plan["to"], volume["generation"]
-                    )
+                    after = await cas
                 except ApiError:  # another change won: nothing moved, the old server's
                     await self._release(plan["from_control"], name)  # shadow server restarts
                     raise
                 t.mark("cas_ms")
-                fenced = await self._fence(plan["from_control"], name)
+                # the fence's answer brings the compare's first call in the pause (the old
+                # primary's blocks changed since the compare before it)
+                dirty = volume["generation"] if early.compared else None
+                fenced = await self._fence(plan["from_control"], name, dirty=dirty)
                 t.mark("fence_ms")
                 if fenced.get("drained"):  # else the shadow lacks writes: the routers replay
+                    # the target's shadow server lets go of the volume (its checkpoint) while
+                    # the compare reads the files: the old primary is fenced and its last epoch
+                    # applied, so nothing more reaches the shadow (RoleChanges.handover)
+                    handover = asyncio.ensure_future(self._handover(plan["to_control"], name))
                     record["checksums"] = await dirty_compare.in_pause(
-                        self._agent, plan, name, volume["generation"], after["generation"], early
-                    )
+                        self._agent, plan, name, volume["generation"], after["generation"],
+                        early, fenced.get("dirty"),
+                    )  # fmt: skip
                     t.mark("compare_ms")
+                    await handover
+                    t.mark("handover_ms")  # what the hand-over took beyond the compare
                 promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
                 t.mark("promote_ms")
                 body = {"uri": promoted["endpoint"], "generation": after["generation"]}
@@ -184,6 +205,9 @@ class Switchovers:
                 raise ApiError(502, f"switchover of {name} failed: {err}", record) from None
             except dirty_compare.Mismatch as err:  # no copy to trust: not promoted, not ordered
                 log.error("%s", err)
+                if handover is not None:  # the target's shadow server takes the volume back
+                    await handover
+                    await self._handover(plan["to_control"], name, 0.0)
                 record.update(outcome="aborted", error=str(err), checksums=err.checks,
                               timings_ms=t.ms)  # fmt: skip
                 await self._record(record, fence)
@@ -191,7 +215,8 @@ class Switchovers:
             finally:
                 await self._each_attach(name, [u for u in paused if u not in repointed],
                                         "resume", {})  # fmt: skip
-            steps = ("gate_ms", "cas_ms", "fence_ms", "compare_ms", "promote_ms", "repoint_ms")
+            steps = ("gate_ms", "cas_ms", "fence_ms", "compare_ms", "handover_ms", "promote_ms",
+                     "repoint_ms")  # fmt: skip
             pause_ms = sum(t.ms.get(step, 0.0) for step in steps)
             await dirty_compare.log_found(self._agent, plan, name, record.get("checksums", {}))
             try:
@@ -244,13 +269,22 @@ class Switchovers:
             log.warning("%s: a shadow server stays held (for 2 min at most): %s", name, err)
 
     async def _fence(
-        self, address: str, name: str, drain_s: float = FENCE_DRAIN_S, cas_at: float | None = None
+        self,
+        address: str,
+        name: str,
+        drain_s: float = FENCE_DRAIN_S,
+        cas_at: float | None = None,
+        dirty: int | None = None,
     ) -> dict[str, Any]:
         """Fence the old primary; if its agent does not answer, its lease fences it: wait. The
         lease runs out lease_s after the last renewal, and renewals stop at the CAS (CAS_AT,
-        monotonic; None: count from now)."""
+        monotonic; None: count from now). DIRTY: the compare's generation (the answer brings
+        the blocks changed since the compare before the pause)."""
+        body: dict[str, Any] = {"drain": drain_s}
+        if dirty is not None:
+            body["dirty"] = dirty
         try:
-            return await self._agent(address, name, "fence", {"drain": drain_s})
+            return await self._agent(address, name, "fence", body)
         except StepFailed as err:
             since = time.monotonic() if cas_at is None else cas_at
             wait = since + self.manager.fleet.lease_s + LEASE_MARGIN_S - time.monotonic()
@@ -259,6 +293,14 @@ class Switchovers:
             if wait > 0:
                 await asyncio.sleep(wait)
             return {"drained": False, "fence": f"lease ran out ({err})"}
+
+    async def _handover(self, address: str, name: str, seconds: float = HOLD_S) -> None:
+        """The target's shadow server lets go of NAME before `promote` (SECONDS 0: takes it
+        back); if it does not, `promote` hands it over itself (in the pause, as before)."""
+        try:
+            await self._agent(address, name, "handover", {"seconds": seconds})
+        except StepFailed as err:
+            log.warning("%s: handover (%.0f s): %s", name, seconds, err)
 
     async def _prime(self, address: str, name: str) -> None:
         """The target's shadow server checkpoints NAME (at most PRIME_WAIT_S); if it does not,

@@ -180,3 +180,34 @@ def test_a_map_open_for_writing_is_neither_shared_nor_rebuilt(image: Path, tmp_p
         writer.crcs[0] ^= 1
     with ChecksumMap.load(path) as reader, ChecksumMap.load(path) as second_reader:
         assert reader.crcs[0] == second_reader.crcs[0] != brute_crcs(image.read_bytes())[0]
+
+
+def test_a_flush_syncs_once_and_a_close_after_it_not_at_all(
+    image: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """One fsync stamps the entries and the clean header; a flush or close that finds nothing
+    changed (a shadow's hand-over right after its checkpoint) writes nothing; entries changed
+    behind the map's back (a repair's own mapping) are seen by their crc and stamped."""
+    path = tmp_path / "vol.map"
+    ChecksumMap.build(image, path, BS).close()
+    syncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (syncs.append(fd), real_fsync(fd))[1])
+    cmap = ChecksumMap.load(path, writable=True)  # its header says not clean: one sync
+    cmap.update(0, b"x" * BS)
+    cmap.set_epoch(5)
+    syncs.clear()
+    cmap.flush()
+    assert len(syncs) == 1
+    cmap.flush()
+    assert len(syncs) == 1  # nothing changed
+    other = np.memmap(path, dtype="<u4", mode="r+", offset=HEADER_BYTES, shape=(cmap.blocks,))
+    other[3] = 1234  # written the way a switchover's repair writes entries
+    other.flush()
+    del other
+    cmap.close()
+    assert len(syncs) == 2  # the changed entries' crc stamped
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    with ChecksumMap.load(path) as again:  # trusted: the header's crc covers those entries
+        assert (again.epoch, int(again.crcs[3])) == (5, 1234)
+        assert int(again.crcs[0]) == crc32c.crc32c(b"x" * BS)

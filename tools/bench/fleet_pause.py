@@ -105,7 +105,8 @@ def run(work: Path, switchovers: int) -> None:
     print(f"| the same minus the baseline's max, median / max (ms) | "
           f"{statistics.median(extra):.1f} / {max(extra):.1f} |")  # fmt: skip
     print(f"| baseline max clat (ms) | {base_max:.1f} |")
-    for step in ("gate_ms", "cas_ms", "fence_ms", "compare_ms", "promote_ms", "repoint_ms"):
+    for step in ("gate_ms", "cas_ms", "fence_ms", "compare_ms", "handover_ms", "promote_ms",
+                 "repoint_ms"):  # fmt: skip
         _row(step, [r["timings_ms"].get(step, 0.0) for r in records])
     for step in ("dispatch_ms", "release_ms", "recover_ms", "take_ms", "go_ms", "ready_ms",
                  "lease_ms"):  # fmt: skip
