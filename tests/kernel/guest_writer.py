@@ -65,6 +65,11 @@ class Writer(threading.Thread):
         around = [(e - s) * 1000 for s, e in self.times if e >= t0 and s <= t1]
         return round(max(around, default=0.0), 1)
 
+    def max_ms_within(self, t0: float, t1: float) -> float:
+        """The slowest write that started and ended between T0 and T1."""
+        within = [(e - s) * 1000 for s, e in self.times if s >= t0 and e < t1]
+        return round(max(within, default=0.0), 1)
+
     def median_ms(self) -> float | None:
         latencies = sorted((e - s) * 1000 for s, e in self.times)
         return round(latencies[len(latencies) // 2], 2) if latencies else None

@@ -7,6 +7,13 @@ to it here). Each round: for each path in turn, the writer (tests/kernel/guest_w
 on its device, its attach is repointed to the other export, the writer stops and verifies.
 Rounds alternate A->B, B->A, and rotate which path goes first. At the end it stops the
 attaches (SIGTERM to their Python processes: the guest script waits for their clean exit).
+
+The VM-visible pause of every path, by issue 7's definition of a switchover's pause ("max
+completion latency during a switchover minus the baseline max"): the slowest write in flight
+at any moment of the repoint call (the switchover: POST /repoint sent -> answered, the same
+call on every path; `writer_max_ms`) minus the slowest write of the SETTLE s of writes just
+before it, on the same device in the same boot (started and ended before the call;
+`writer_base_max_ms`), floored at 0 as tools/bench/switchover_pause.py does (`vm_pause_ms`).
 Usage: python -m tools.bench.dm_pause_guest OUT A_URI B_URI ROUNDS SETTLE_S PATH[,PATH...]
 (PATH: dm-one, dm-two, router)
 """
@@ -48,10 +55,13 @@ def one_swap(path: str, device: str, uri: str, settle: float) -> dict:
     time.sleep(settle)
     writer.stop.set()
     writer.join()
+    during, base = writer.max_ms_around(t0, t1), writer.max_ms_within(t0 - settle, t0)
     row = {
         "path": path,
         "to": uri,
-        "writer_max_ms": writer.max_ms_around(t0, t1),
+        "vm_pause_ms": round(max(during - base, 0.0), 1),
+        "writer_max_ms": during,
+        "writer_base_max_ms": base,
         "writer_max_in_pause_ms": writer.max_ms_around(*window),
         "window": [round(t, 4) for t in window],  # to place the kernel's traced calls
         "writer_median_ms": writer.median_ms(),
