@@ -197,8 +197,8 @@ class Epoch:
         as they are done, in order. Changes in an epoch are disjoint, so their order does not
         matter to the shadow, only the stream's sequence numbers do (given when sent)."""
         with self._making:
-            if self._made is None:
-                self._made = [
+            if self._made is None:  # stored only whole: a half-made list would drop data
+                made: list[Change | Future[list[Change]]] = [
                     Change(
                         FrameType.ZERO if mark is Mark.ZERO else FrameType.TRIM,
                         s * self.block_size,
@@ -208,17 +208,30 @@ class Epoch:
                 ]
                 frames = list(frame_pieces(self.pieces(), self.block_size))
                 if len(frames) == 1:  # a small epoch: made here, without a thread hop
-                    self._made += piece_changes(frames[0], self.block_size, _compressor(level))
+                    made += piece_changes(frames[0], self.block_size, _compressor(level))
                 else:
-                    self._made += [
+                    made += [
                         _pool().submit(_make, pieces, self.block_size, level) for pieces in frames
                     ]
+                self._made = made
             made = self._made
         for item in made:
             if isinstance(item, Future):
-                yield from item.result()
+                try:
+                    done = item.result()
+                except BaseException:
+                    self._forget(made)
+                    raise
+                yield from done
             else:
                 yield item
+
+    def _forget(self, made: list[Change | Future[list[Change]]]) -> None:
+        """A frame failed to build: the next call makes them all again (a failure kept in its
+        Future would refuse this epoch to every shadow for good)."""
+        with self._making:
+            if self._made is made:
+                self._made = None
 
 
 def _kept(data: bytes | memoryview, start: int, end: int) -> bytes | memoryview:

@@ -139,6 +139,36 @@ def test_a_run_longer_than_a_frame_spans_frames() -> None:
     assert image[100 * 4096 : 740 * 4096] == data
 
 
+@pytest.mark.parametrize("blocks", [4, 640], ids=["one frame", "on the threads"])
+def test_a_frame_that_fails_to_build_is_built_again(
+    blocks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed build must not leave the epoch with its marks only: the next call would ship
+    it without its data (the shadow would commit an epoch missing its writes)."""
+    import shadowblk.delta.epoch as epoch_module
+
+    epoch = Epoch(4096)
+    data = random.Random(3).randbytes(blocks * 4096)
+    epoch.put_run(0, data)
+    epoch.mark(blocks + 10, blocks + 20, Mark.TRIM)
+    real, calls = epoch_module.piece_changes, []
+
+    def fail_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("transient")
+        return real(*args)
+
+    monkeypatch.setattr(epoch_module, "piece_changes", fail_once)
+    with pytest.raises(MemoryError):
+        list(epoch.changes(1))
+    again = list(epoch.changes(1))
+    assert [c.type for c in again].count(FrameType.TRIM) == 1
+    assert sum(c.length for c in again if c.type is FrameType.EXTENT) == blocks * 4096
+    image, _ = replay(epoch, (blocks + 32) * 4096)
+    assert image[: blocks * 4096] == data
+
+
 def test_what_a_trimmed_run_keeps_does_not_pin_its_whole_write() -> None:
     """A small remnant of a big write is copied, so the big buffer can go."""
     epoch = Epoch(BS)
