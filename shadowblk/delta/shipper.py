@@ -119,6 +119,9 @@ class ShadowLink:
             ) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("%s: connection lost: %s", self.name, self.last_error)
+            except Exception as exc:  # e.g. a frame failed to build: retried, never a silent stop
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("%s: shipping failed; reconnecting", self.name)
             finally:
                 self.rep.on_disconnect(self)
             if self.handshakes_done or time.monotonic() - started > 5:
