@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from shadowblk.integrity.blockcrc import block_crc32c
-from shadowblk.integrity.checksum_map import HEADER_BYTES, LiveMap, MapInvalidError, zero_block_crc
+from shadowblk.integrity.checksum_map import (
+    HEADER_BYTES,
+    ChecksumMap,
+    LiveMap,
+    MapBusyError,
+    MapInvalidError,
+    zero_block_crc,
+)
 from shadowblk.integrity.discrepancies import Discrepancy, DiscrepancyLog
 
 MAX_RUN = 1024  # blocks read at once from an image
@@ -215,11 +222,7 @@ def repair(data_dir: Path, name: str, body: dict[str, Any]) -> dict[str, Any]:
     finally:
         os.close(fd)
     crcs = block_crc32c(data, bs) if blocks else np.empty(0, dtype="<u4")
-    entries = np.memmap(shadows / f"{name}.map", dtype="<u4", mode="r+", offset=HEADER_BYTES,
-                        shape=(live.blocks,))  # fmt: skip
-    entries[blocks] = crcs  # the shadow server's own mapping of the file sees it at once
-    entries.flush()
-    del entries
+    _store_crcs(shadows / f"{name}.map", blocks, crcs, live.blocks)
     path = _baseline(data_dir, name)
     with contextlib.suppress(OSError, ValueError, KeyError):
         saved = np.load(path)
@@ -227,6 +230,25 @@ def repair(data_dir: Path, name: str, body: dict[str, Any]) -> dict[str, Any]:
         base[blocks] = crcs
         save_baseline(data_dir, name, base, int(saved["generation"]))
     return {"repaired": len(blocks)}
+
+
+def _store_crcs(path: Path, blocks: list[int], crcs: np.ndarray, total: int) -> None:
+    """The repaired blocks' crcs into the shadow's map. Handed over (no shadow server holds
+    it, a planned switchover's pause): opened as its writer, so that its close stamps the
+    header with the entries' new checksum, else the new primary would distrust the map and
+    rebuild it from the whole image. Held by the shadow server: through a mapping of our own,
+    which the server's mapping sees at once and its close stamps."""
+    try:
+        cmap = ChecksumMap.load(path, writable=True)
+    except (MapBusyError, MapInvalidError):  # held; or distrusted already: rebuilt anyway
+        entries = np.memmap(path, dtype="<u4", mode="r+", offset=HEADER_BYTES, shape=(total,))
+        entries[blocks] = crcs
+        entries.flush()
+        del entries
+        return
+    with cmap:
+        bs = cmap.block_size
+        cmap.put_crcs([b * bs for b in blocks], [bs] * len(blocks), crcs)
 
 
 def log_discrepancies(data_dir: Path, name: str, body: dict[str, Any]) -> dict[str, Any]:

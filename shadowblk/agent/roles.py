@@ -419,11 +419,13 @@ class RoleChanges:
             child = self._primary_child(name)
             self._start_serve(child)  # no standby (an emergency without one): the zygote
         self.children[name] = child
-        if not held:
-            self._unhold(name)
-        self.save()
-        if settled is not None:
-            settled()
+        try:
+            self.save()
+        finally:  # joined whatever happens: its error is not lost behind save()'s
+            if settled is not None:
+                settled()
+        if not held:  # after settle moved the shadow's files away: a stream let in now
+            self._unhold(name)  # re-creates the volume, and settle must not unlink its journal
         steps.mark("go_ms")
         return child, epoch
 

@@ -29,6 +29,7 @@ before the pause, a compare that cannot finish in the pause aborts.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -126,12 +127,16 @@ async def before_pause(call: Call, plan: dict[str, Any], name: str, before: int)
 
 async def in_pause(
     call: Call, plan: dict[str, Any], name: str, before: int, after: int, early: Early,
-    changed: dict[str, Any] | None = None,
+    changed: dict[str, Any] | None = None, handover: asyncio.Future | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The end of the compare, the old primary fenced: the blocks changed since EARLY and those
     that differed then; repair the target's (whose verified map is kept for generation AFTER,
     unless the compare is partial); the record's `checksums`. CHANGED: the old primary's
-    `dirty` since seen answer, if the fence's answer brought it (one call less)."""
+    `dirty` since seen answer, if the fence's answer brought it (one call less). HANDOVER: the
+    target's shadow server letting go of the volume, running beside the compare: a repair
+    waits for it, so that it writes a map nobody else holds and stamps its header (a repair
+    under a closed map's old header would make the new primary rebuild the map from the whole
+    image, in the pause); its failure is the caller's to see."""
     started = time.monotonic()
     checks = dict(early.checks)
     if not early.compared:
@@ -177,6 +182,8 @@ async def in_pause(
         log.warning("%s: the compare in the pause stopped at its bound: %d blocks not compared",
                     name, len(wanted) - len(compared))  # fmt: skip
     if len(bad):
+        if handover is not None:
+            await asyncio.gather(handover, return_exceptions=True)
         try:
             checks["discrepancies"] = await _resolve(
                 call, plan, name, checks, compared[bad], want[bad], actual[bad]

@@ -107,7 +107,10 @@ class Switchovers:
         for url, result in zip(urls, results, strict=True):
             if isinstance(result, aiohttp.ClientConnectorError):  # refused: nobody listens
                 log.warning("attach %s of %s is gone: forgotten", url, volume)
-                await self.manager.run(self.manager.fleet.detach, volume, url)
+                try:  # never fatal here: the gate step runs beside the CAS (planned)
+                    await self.manager.run(self.manager.fleet.detach, volume, url)
+                except Exception as err:
+                    log.warning("attach %s of %s not forgotten: %s", url, volume, err)
             elif isinstance(result, BaseException):
                 log.warning("attach %s of %s: %s %s", url, volume, call, result)
             else:
@@ -184,7 +187,7 @@ class Switchovers:
                     handover = asyncio.ensure_future(self._handover(plan["to_control"], name))
                     record["checksums"] = await dirty_compare.in_pause(
                         self._agent, plan, name, volume["generation"], after["generation"],
-                        early, fenced.get("dirty"),
+                        early, fenced.get("dirty"), handover,
                     )  # fmt: skip
                     t.mark("compare_ms")
                     await handover

@@ -3,6 +3,7 @@ since the last verify, the shadow's data crcs (not its map's), and the repair of
 
 from __future__ import annotations
 
+import base64
 import shutil
 from pathlib import Path
 
@@ -118,3 +119,30 @@ def test_a_kept_map_gives_only_the_blocks_changed_since(copies: tuple[Path, Path
     assert dirty_check.unpack(changed["crcs"]).tolist() == [
         int(block_crc32c(bytes([b]) * BS)[0]) for b in (0x45, 0x44)
     ]
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["handed over", "held by the server"])
+def test_a_repaired_map_is_trusted_by_the_next_writer(
+    copies: tuple[Path, Path], held: bool
+) -> None:
+    """A repair after the shadow server let go of the map (the hand-over beside the compare)
+    stamps the header itself; while the server holds it, the server's close does. Either way
+    the promoted `serve` trusts the map: no rebuild from the whole image in the pause."""
+    _, new = copies
+    image, path = new / "shadows" / "v.img", new / "shadows" / "v.map"
+    server = ChecksumMap.load(path, writable=True)
+    server.set_epoch(5)
+    server.flush()  # the hand-over's checkpoint
+    if not held:
+        server.close()
+    data = b"R" * BS
+    body = {"blocks": [7], "data": base64.b64encode(data).decode()}
+    assert dirty_check.repair(new, "v", body) == {"repaired": 1}
+    if held:
+        server.close()
+    reopened = ChecksumMap.open_or_rebuild(path, image, BS, writable=True)
+    try:
+        assert reopened.rebuilt_reason is None
+        assert reopened.crcs[7] == block_crc32c(data, BS)[0]
+    finally:
+        reopened.close()
