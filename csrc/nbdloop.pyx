@@ -77,6 +77,13 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
     int close(int fd)
 
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
+    int RWF_NOWAIT
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -343,6 +350,7 @@ cdef class Worker:
     cdef size_t outlen
     cdef bint holding
     cdef bint ordered  # holding tracker.ordering
+    cdef bint kept  # holding the receive lock for a quick batch
     cdef uint32_t refused  # the error of the batch's writes the tracker or an observer refused
     cdef int pipe_fd[2]  # a big WRITE's payload on its way from the socket to the volume
     cdef size_t pipe_cap  # 0: no pipe yet; -1 (as size_t): none to be had
@@ -535,6 +543,7 @@ cdef class Worker:
                 # before the next reader: one connection's batches reach the observers in order
                 allowed = self._track(n, nwrites)
             keep = not slow and self._quick(n)
+            self.kept = keep
             if not slow and not keep:
                 self._release()  # another worker reads on while this one executes
             if nwrites and self.conn.tracker is not None and not self.conn.observed:
@@ -566,7 +575,9 @@ cdef class Worker:
         keep it: at queue depth 1 keeping it lowered the p50 but cost a third of the IOPS on a
         loaded machine (let go, it wakes the next reader while this one writes, so that one is
         running by the time the next request comes; kept, the one thread waits for a CPU again
-        after every reply: docs/benchmarks.md)."""
+        after every reply: docs/benchmarks.md). A kept READ tries the page cache alone first
+        (preadv2 RWF_NOWAIT): what is not there lets the lock go before waiting for the disk,
+        so cold reads are not served one at a time (`_execute`)."""
         cdef int i
         if self.inend != self.inpos:
             return False
@@ -750,6 +761,7 @@ cdef class Worker:
         cdef size_t head, done
         cdef ssize_t got
         cdef char *q
+        cdef iovec iov
         cdef uint32_t error = 0
         if r.cmd == CMD_READ:
             head = 28 if self.conn.structured else 16
@@ -757,6 +769,15 @@ cdef class Worker:
                 return -1
             q = self.outbuf + self.outlen
             done = 0
+            if self.kept:
+                iov.iov_base = q + head
+                iov.iov_len = r.length
+                got = preadv2(self.conn.vol, &iov, 1, r.offset, RWF_NOWAIT)
+                if got > 0:
+                    done = got
+                if done < r.length:
+                    self.kept = 0
+                    self._release()  # not all in the page cache: the next worker reads on
             while done < r.length:
                 got = pread(self.conn.vol, q + head + done, r.length - done, r.offset + done)
                 if got > 0:
