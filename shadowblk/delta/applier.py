@@ -2,7 +2,8 @@
 
 Commit of an epoch (the critical path of a `sync` flush): the staged records and a COMMIT
 record in one synchronous write to the preallocated journal (durable from here: recovery would
-apply it); the records written to the image (page cache, no sync); acknowledged. A
+apply it; `seal`); the records written to the image (page cache, no sync; `apply_next`, which
+may run while the next epoch is staged); acknowledged. A
 *checkpoint*, off that path (when the journal passes CHECKPOINT_BYTES or CHECKPOINT_SECONDS,
 when the stream goes idle or ends), makes the image durable: fdatasync of the image, the
 checksum map flushed, the state file replaced with the new `last_applied`, the journal emptied
@@ -17,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 from shadowblk.delta.extents import Extents, unpack_extents
@@ -67,6 +70,9 @@ class ShadowVolume:
         self._held: list[Record] | None = []  # the staged records, while they fit in HOLD_BYTES
         self._held_bytes = 0
         self._epoch_start = 0  # journal offset of the records staged since the last commit
+        # epochs committed to the journal whose records are not (all) on the image yet, oldest
+        # first: (epoch, records); an epoch leaves once its last record is on the image
+        self._pending: deque[tuple[int, Iterable[Record]]] = deque()
         self._checkpointed = time.monotonic()
         self.checksums = AppliedMap(  # DIR/<id>.map: crc32c per block, for verify and scrub
             data_dir / f"{state.volume_id}.map",
@@ -175,6 +181,8 @@ class ShadowVolume:
             if not self._sealed:
                 self.journal.begin()  # back to the last COMMIT: the rest is void
                 self._staged_epoch = 0
+                while self._pending:  # committed, acknowledged or not: the image catches up
+                    self.apply_next()
                 self.checkpoint()
                 self.journal.reset()
         except OSError as exc:
@@ -183,6 +191,7 @@ class ShadowVolume:
         finally:
             self.journal.close()
             self._forget_held()
+            self._pending.clear()  # applied above, or left to recovery (sealed)
             self._staged_epoch = 0
             self._close_image()
 
@@ -257,6 +266,21 @@ class ShadowVolume:
     def commit(self, epoch: int) -> None:
         """Make the staged epoch durable and apply it; blocking (run it in a thread). Returns
         once the epoch may be acknowledged: in the journal, durably, and on the image."""
+        self.seal(epoch)
+        while self._pending:
+            self.apply_next()
+
+    def seal(self, epoch: int) -> None:
+        """Make the staged epoch durable (the journal's COMMIT record, or the first epoch's
+        image fdatasync) and queue its records for the image (`apply_next`); blocking.
+
+        Staging the next epoch may start at once, while this one's records go to the image
+        in another thread: the journal and the image are separate files, and recovery
+        replays every committed epoch in order, so a crash at any instruction of either
+        still leaves the shadow at an epoch boundary once recovered (I1). The epoch counts as
+        applied (`applied`: durable, what WELCOME and PONG report) from here; it is
+        acknowledged only once on the image (`apply_next`), and a checkpoint waits until
+        nothing is pending."""
         self._check_epoch(epoch)
         assert self._image is not None
         if self._direct:
@@ -265,17 +289,34 @@ class ShadowVolume:
             self._direct = False
         else:
             self.journal.commit(epoch)
-            self._sealed = True
-            records = self._held
-            if records is None:
-                records = read_records(self.journal.path, self._epoch_start)
-            for record in records:
-                self._write(self._image, record)
-            self._sealed = False
+            records: Iterable[Record] | None = self._held
+            if records is None:  # this epoch's records only: later ones may be staged meanwhile
+                records = read_records(self.journal.path, self._epoch_start, self.journal.end)
+            self._pending.append((epoch, records))
         self.applied = epoch
         self._forget_held()
         self._staged_epoch = 0
         self._epoch_start = self.journal.end
+
+    def apply_next(self) -> None:
+        """Write the oldest sealed epoch's records to the image (page cache) and the checksum
+        map (nothing for a first epoch, written to the image as it was staged); blocking, one
+        caller at a time. The epoch may be acknowledged from then on: durable in the journal,
+        and on the image where the read-only export and `verify` read it. A failure half-way
+        leaves the volume sealed: its next stream replays the journal first."""
+        if not self._pending:
+            return
+        _, records = self._pending[0]
+        assert self._image is not None
+        self._sealed = True
+        for record in records:
+            self._write(self._image, record)
+        self._sealed = False
+        self._pending.popleft()
+
+    def pending(self) -> int:
+        """Epochs sealed in the journal that are not on the image yet."""
+        return len(self._pending)
 
     def write_back(self) -> None:
         """Start writing the image's dirty pages back, so the next checkpoint's fdatasync
@@ -304,6 +345,7 @@ class ShadowVolume:
         if (
             self.applied <= self.state.last_applied
             or self.journal.end != self.journal.committed_end
+            or self._pending  # the image does not hold every committed epoch yet
         ):
             return
         assert self._image is not None

@@ -197,3 +197,36 @@ def test_a_journal_of_the_older_format_is_not_silently_dropped(tmp_path: Path) -
     volume.journal.path.write_bytes(b"SBJR" + bytes(60))
     with pytest.raises(StateFileError, match="older format"):
         reopen(tmp_path)
+
+
+def test_epochs_sealed_while_the_image_lags_recover_to_the_last_one(tmp_path: Path) -> None:
+    """Epoch 3 is staged and sealed while epoch 2 still waits for its image writes (the image
+    task lags the journal); a crash then recovers both, in order: epoch 3's write of block 1
+    wins over epoch 2's."""
+    volume, _, new = staged_volume(tmp_path)
+    volume.seal(2)
+    later = os.urandom(BS)
+    volume.stage(Kind.DATA, BS, BS, 3, later)
+    volume.seal(3)
+    assert volume.pending() == 2 and volume.applied == 3
+    volume.checkpoint()  # refused: the image does not hold the sealed epochs
+    assert json.loads(volume.state_path.read_text())["last_applied"] == 1
+    volume.journal.close()  # crash before any of their records reached the image
+    again = reopen(tmp_path)
+    assert again.state.last_applied == 3
+    image = again.image_path.read_bytes()
+    assert image[:BS] == bytes(BS) and image[BS : 2 * BS] == later
+    assert image[2 * BS : 3 * BS] == new[BS:]
+
+
+def test_end_of_stream_writes_pending_epochs_before_its_checkpoint(tmp_path: Path) -> None:
+    volume, _, new = staged_volume(tmp_path)
+    volume.seal(2)
+    volume.stage(Kind.DATA, 3 * BS, BS, 3, b"\x03" * BS)  # staged, never sealed: void
+    volume.end_stream()
+    assert volume.pending() == 0
+    assert json.loads(volume.state_path.read_text())["last_applied"] == 2
+    image = volume.image_path.read_bytes()
+    assert image[:BS] == bytes(BS) and image[BS : 3 * BS] == new
+    assert image[3 * BS : 4 * BS] == bytes(BS)
+    assert committed_epoch(volume.journal.path) is None
