@@ -287,6 +287,9 @@ class ShadowVolume:
             self._image.flush()
             self._record(epoch)
             self._direct = False
+            # on the image already, but queued all the same: the stream's image task takes
+            # one pending entry per sealed epoch, in step with its own queue
+            self._pending.append((epoch, ()))
         else:
             self.journal.commit(epoch)
             records: Iterable[Record] | None = self._held

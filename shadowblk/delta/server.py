@@ -415,8 +415,10 @@ class _Stream:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._written_back()  # before the end of the stream closes the image
+            try:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:  # even when cancelled again meanwhile (`_wait`): the end of the stream
+                await self._written_back()  # closes the image the hint writes back
 
     async def _receive(self, queue: asyncio.Queue[tuple[Frame, Extents | None]]) -> None:
         expected, awaiting, nacks, unconfirmed = 1, False, 0, 0
