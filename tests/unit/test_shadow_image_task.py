@@ -22,6 +22,20 @@ from shadowblk.delta.journal import Kind
 BS = 4096
 
 
+async def _stream(
+    folder: Path, size: int
+) -> tuple[srv._Stream, ShadowVolume, asyncio.StreamWriter, socket.socket]:
+    """A shadow stream on one end of a socket pair, with a new volume of SIZE bytes; the
+    caller closes the writer and the other end."""
+    server = srv.ShadowServer(folder, b"k" * 16, None)
+    a, b = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=a)
+    stream = srv._Stream(server, reader, writer, "peer")
+    volume = ShadowVolume.create(folder, Hello("v1", size, BS, 1, 0, bytes(NONCE_SIZE)))
+    stream.volume = volume
+    return stream, volume, writer, b
+
+
 def test_each_sealed_epoch_is_written_by_its_own_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -39,12 +53,7 @@ def test_each_sealed_epoch_is_written_by_its_own_entry(
     big = os.urandom(1 << 20)
 
     async def run() -> None:
-        server = srv.ShadowServer(tmp_path, b"k" * 16, None)
-        a, b = socket.socketpair()
-        reader, writer = await asyncio.open_connection(sock=a)
-        stream = srv._Stream(server, reader, writer, "peer")
-        volume = ShadowVolume.create(tmp_path, Hello("v1", 64 << 20, BS, 1, 0, bytes(NONCE_SIZE)))
-        stream.volume = volume
+        stream, volume, writer, b = await _stream(tmp_path, 64 << 20)
         volume.begin_stream()
         images = asyncio.ensure_future(stream._apply_images())
         try:
@@ -77,12 +86,7 @@ def test_a_stream_cancelled_twice_waits_for_its_writeback(tmp_path: Path) -> Non
     the image (the hint would write back whatever file took the descriptor's number)."""
 
     async def run() -> bool:
-        server = srv.ShadowServer(tmp_path, b"k" * 16, None)
-        a, b = socket.socketpair()
-        reader, writer = await asyncio.open_connection(sock=a)
-        stream = srv._Stream(server, reader, writer, "peer")
-        volume = ShadowVolume.create(tmp_path, Hello("v1", 1 << 20, BS, 1, 0, bytes(NONCE_SIZE)))
-        stream.volume = volume
+        stream, volume, writer, b = await _stream(tmp_path, 1 << 20)
         volume.apply_next = lambda: time.sleep(0.3)  # the image task busy in a worker thread
         frames = asyncio.ensure_future(stream._frames())
         try:
