@@ -87,7 +87,7 @@ def _in_thread(func: Callable[..., None], *args: Any) -> Callable[[], None]:
         except BaseException as err:  # handed to the waiter
             failed.append(err)
 
-    thread = threading.Thread(target=run, name="settle", daemon=True)
+    thread = threading.Thread(target=run, name=func.__name__, daemon=True)
     thread.start()
 
     def wait() -> None:
