@@ -12,6 +12,10 @@ from tests.procs import SHADOWBLK, Processes
 
 GiB = 1 << 30
 
+# for a fleet whose servers heartbeat only when the test says so: they stay up between beats
+# however late the next beat comes on a loaded machine
+BEAT_ON_DEMAND = ("manager", "--heartbeat-timeout", "3600")
+
 # three zones, so that a volume can have a primary and two shadows in different failure domains
 SERVERS = [
     {"name": "s1", "zone": "a", "rack": "r1", "capacity_bytes": 100 * GiB, "drive_models": ["M1"]},

@@ -29,5 +29,5 @@ def train(sample: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """`shadowblk predict train` on SAMPLE into OUT, seeded."""
     argv = [*SHADOWBLK, "predict", "train", "--data", str(sample), "--out", str(out)]
     return subprocess.run(
-        [*argv, "--seed", TRAIN_SEED, *extra], capture_output=True, text=True, timeout=300
+        [*argv, "--seed", TRAIN_SEED, *extra], capture_output=True, text=True, timeout=1200
     )

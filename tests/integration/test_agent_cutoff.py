@@ -6,7 +6,6 @@ promotes the shadow on the other server (I3); once back, it is a shadow of the n
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,14 +50,13 @@ def fleet(procs: Processes, agent_groups: list[int], tmp_path: Path) -> Iterator
 def test_cut_off_agent_is_marked_down_and_back_up(fleet: CutOff) -> None:
     client = fleet.client
     assert client.status()["volumes"]["degraded"] == []
-    cut_at = time.monotonic()
     fleet.proxy.set_gate(False)
     wait_for(lambda: client.server("s1")["state"] == "down", TIMEOUT_S + 5, "s1 marked down")
-    assert time.monotonic() - cut_at >= TIMEOUT_S - 0.5  # not before the timeout (1 s checks)
     assert client.server("s2")["state"] == "up"
     assert client.status()["volumes"]["degraded"] == ["v1"]
     down = [e for e in client.events() if e["kind"] == "server-down"]
     assert [e["subject"] for e in down] == ["s1"]
+    assert down[0]["detail"]["silent_s"] >= TIMEOUT_S  # not before the timeout
 
     # the emergency switchover moves the primary once s1's lease has run out; a heartbeat that
     # arrived before it would keep v1 on s1 (unit-tested in test_api_service.py), so the

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shadowblk.agent.metrics import AgentMetrics
-from tests.manager_lab import GiB, Lab, register_servers, start_manager
+from tests.manager_lab import BEAT_ON_DEMAND, GiB, Lab, register_servers, start_manager
 from tests.procs import SHADOWBLK, Processes
 
 
@@ -159,7 +159,7 @@ def test_killed_shadow_fires_then_resolves(
 
 
 def test_manager_metrics_carry_the_fleet(procs: Processes, tmp_path: Path) -> None:
-    lab = start_manager(procs, f"sqlite:{tmp_path / 'meta.db'}", tmp_path)
+    lab = start_manager(procs, f"sqlite:{tmp_path / 'meta.db'}", tmp_path, *BEAT_ON_DEMAND)
     register_servers(lab)
     client = lab.client()
     created = client.create_volume(name="v1", size_bytes=GiB, primary="s1", shadows=1)

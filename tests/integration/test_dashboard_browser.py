@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from shadowblk.agent.metrics import AgentMetrics
-from tests.manager_lab import GiB, Lab, register_servers, start_manager
+from tests.manager_lab import BEAT_ON_DEMAND, GiB, Lab, register_servers, start_manager
 from tests.procs import Processes, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -166,7 +166,7 @@ async def act(page: Page, lab: Lab) -> None:
 
 
 def test_dashboard_updates_live(procs: Processes, tmp_path: Path) -> None:
-    lab = start_manager(procs, f"sqlite:{tmp_path / 'meta.db'}", tmp_path)
+    lab = start_manager(procs, f"sqlite:{tmp_path / 'meta.db'}", tmp_path, *BEAT_ON_DEMAND)
     register_servers(lab)
     created = lab.client().create_volume(name="v1", size_bytes=GiB, primary="s1", shadows=1)
     shadow = created["volume"]["shadows"][0]["server"]
@@ -180,7 +180,7 @@ def test_dashboard_updates_live(procs: Processes, tmp_path: Path) -> None:
 
 def test_dashboard_stream_is_server_sent_events(procs: Processes, tmp_path: Path) -> None:
     """The stream answers text/event-stream with the fleet's state about once a second."""
-    lab = start_manager(procs, f"sqlite:{tmp_path / 'meta.db'}", tmp_path)
+    lab = start_manager(procs, f"sqlite:{tmp_path / 'meta.db'}", tmp_path, *BEAT_ON_DEMAND)
     register_servers(lab)
     with urllib.request.urlopen(f"{lab.url}/dashboard/stream", timeout=10) as reply:
         assert reply.headers["Content-Type"].startswith("text/event-stream")

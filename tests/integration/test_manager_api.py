@@ -141,7 +141,8 @@ def test_silent_servers_go_down_and_come_back(procs: Processes, tmp_path: Path) 
     assert 0 <= s1["health"]["failure"]["probability"] <= 1
     kinds = [(e["kind"], e["subject"]) for e in client.events()]
     assert ("server-down", "s1") in kinds
-    assert kinds[-1] == ("server-up", "s1")
+    first_down = kinds.index(("server-down", "s1"))
+    assert ("server-up", "s1") in kinds[first_down:]  # (it may time out again after this beat)
 
 
 def test_standby_names_the_leader_and_takes_over(procs: Processes, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from tests.procs import SHADOWBLK
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared data not beside the repository")
 
 
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([*SHADOWBLK, *args], capture_output=True, text=True, timeout=timeout)
 
 

@@ -62,7 +62,7 @@ def test_kill9_never_forgets_an_acknowledged_write(procs: Processes, tmp_path: P
             target=writer, args=(url, random.Random(rng.random()), acked, stop)
         )
         thread.start()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while not acked and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.4))
@@ -90,7 +90,7 @@ def test_sigterm_under_load_is_clean_and_exact(procs: Processes, tmp_path: Path)
     rng = random.Random(SEED)
     thread = threading.Thread(target=writer, args=(url, rng, acked, stop))
     thread.start()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while len(acked) < 50 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert procs.stop(proc, signal.SIGTERM) == 0

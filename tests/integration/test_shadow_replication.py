@@ -109,6 +109,14 @@ def test_restart_of_both_sides_resyncs_without_full_copy(tmp_path: Path, procs: 
     cmp(driver.path, tmp_path / "s" / "vol1.img")
 
 
+def wait_synced(data_dir: Path, volume: str, timeout: float = 120) -> None:
+    """Until the shadow has made an epoch durable: the initial full sync is over."""
+    deadline = time.monotonic() + timeout
+    while not (data_dir / f"{volume}.state").exists() or durable_epoch(data_dir, volume) == 0:
+        assert time.monotonic() < deadline, "the shadow made no epoch durable"
+        time.sleep(0.1)
+
+
 PRIMARY = """
 import sys, time
 from pathlib import Path
@@ -148,6 +156,7 @@ def test_primary_kill9_forgets_nothing(tmp_path: Path, procs: Processes) -> None
             cwd=str(Path(__file__).parents[2]),
         )
         procs.wait_ready(child, "ready primary")
+        wait_synced(tmp_path / "s", "vol1")  # the kill lands after the full sync, while writing
         time.sleep(2.5)
         procs.stop(child, signal.SIGKILL)
     driver = Driver(image, SIZE, seed=3)

@@ -185,8 +185,9 @@ def test_a_loss_still_being_retried_does_not_hold_up_another(quick: None) -> Non
         assert not watch.event(event("add"))  # v1's device is back
         time.sleep(0.3)
         v1_reports = sum(path.endswith("/v1/emergency") for path, _ in manager.calls)
-        time.sleep(0.6)
-        assert sum(path.endswith("/v1/emergency") for path, _ in manager.calls) == v1_reports
+        time.sleep(0.6)  # retries come every 0.2 s: three or more had they gone on
+        later = sum(path.endswith("/v1/emergency") for path, _ in manager.calls)
+        assert later <= v1_reports + 1  # at most the one already in flight at the "add"
     finally:
         watch.stop()
         manager.shutdown()
