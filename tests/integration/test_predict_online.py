@@ -187,14 +187,17 @@ def test_a_healthy_server_under_a_changing_load_is_never_flagged(
     uri = volume_on(fleet, "v1", "s1")
     client = fleet.client
     load = fio(fleet.dirs, uri, (100, 20), (600, 20), (30, 20), (300, 20))
-    judged = 0
+    judged = polls = 0
     while load.poll() is None:
         latency = latency_of(client, "s1")
         assert not latency.get("flagged"), latency
         judged += latency.get("spike_share") is not None
+        polls += 1
         time.sleep(0.5)
     fio_done(load, fleet.dirs)
-    assert judged > 60  # the detector judged most of the run
+    # the detector judged most of the run (a share of the polls: how many fit in the run
+    # depends on the machine's load)
+    assert polls >= 20 and judged > 0.6 * polls, (judged, polls)
     assert not preempts(client, "s1")
 
 
