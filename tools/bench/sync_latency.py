@@ -137,10 +137,12 @@ def measure(work: Path, rounds: int, seconds: float, size_mib: int) -> dict[str,
     return results
 
 
-def report(results: dict[str, dict[str, list[float]]], rounds: int, seconds: float) -> None:
+def report(
+    results: dict[str, dict[str, list[float]]], rounds: int, seconds: float, load: str
+) -> None:
     base, asyn, sync = results["no shadow"], results["async shadow"], results["sync shadow"]
     print(f"fio 4k randwrite iodepth 1 fsync=1, {rounds} interleaved rounds of {seconds:.0f} s,")
-    print("medians of the rounds (µs)")
+    print(f"medians of the rounds (µs); load average (1 min) {load}")
     print()
     print("| measure | no shadow | one async shadow | one sync shadow | sync / no shadow |")
     print("|---|---:|---:|---:|---:|")
@@ -168,9 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256, help="MiB per volume (default 256)")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
     args = parser.parse_args(argv or [])
+    before = os.getloadavg()[0]  # the machine is shared: a ratio means little at a high load
     with scratch("bench-synclat-", args.dir) as work:
         results = measure(work, args.rounds, args.seconds, args.size)
-    report(results, args.rounds, args.seconds)
+    report(results, args.rounds, args.seconds, f"{before:.1f} → {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
