@@ -232,8 +232,7 @@ cdef class Connection:
     cdef object tracker
     cdef Mutex t_mutex
     cdef bint observed
-    cdef object t_order
-    cdef object t_unorder
+    cdef Mutex t_ordering  # tracker.ordering: taken and let go without the GIL
     cdef Bitmap t_bitmap
     cdef object t_hot_pin  # a memoryview: the bytearray cannot be resized (moved) under t_hot
     cdef char *t_hot
@@ -270,8 +269,7 @@ cdef class Connection:
             self.t_regions = PyByteArray_GET_SIZE(tracker.hot)
             self.t_shift = tracker.region_shift
             self.observed = bool(tracker.observers)
-            self.t_order = tracker.ordering.acquire
-            self.t_unorder = tracker.ordering.release
+            self.t_ordering = tracker.ordering
         self.stop_flag = stop_flag
         self.stopping = &stop_flag.value
         self.splice_ok = not read_only
@@ -849,18 +847,20 @@ cdef class Worker:
         self.refused = NBD_EIO
         if logged and not self.conn.observed:
             return nwrites
+        if self.conn.observed:
+            # taken without the GIL and held into the GIL below: no deadlock, as every Python
+            # taker (the fence, the live scrub, the Python loop) waits in Mutex.acquire with
+            # the GIL released, and a Python holder may need the GIL to finish
+            self.conn.t_ordering.lock()
+            self.ordered = 1
         return self._track_python(n, nwrites, logged)
 
     cdef int _track_python(self, int n, int nwrites, bint logged) noexcept with gil:
         """_track's part in Python: log new regions (tracker.before_writes) and call the
-        observers. With observers, `tracker.ordering` is taken (in the same GIL acquisition as
-        the observers' call) and kept until _unorder()."""
+        observers (with `tracker.ordering` held: _track took it, _unorder lets it go)."""
         cdef int allowed = nwrites
         cdef Request *r
         try:
-            if self.conn.observed:
-                self.conn.t_order()
-                self.ordered = 1
             if not logged:
                 offsets = []
                 lengths = []
@@ -887,14 +887,12 @@ cdef class Worker:
         return allowed
 
     cdef void _unorder(self) noexcept nogil:
-        """Let go of `tracker.ordering` once the batch's writes are on the volume."""
+        """Let go of `tracker.ordering` once the batch's writes are on the volume (a native
+        Mutex: no GIL round trip per batch, as a threading.Lock's release needed until
+        2026-11-28)."""
         if self.ordered:
             self.ordered = 0
-            with gil:
-                try:
-                    self.conn.t_unorder()
-                except BaseException:
-                    log.exception("releasing the ordering lock failed")
+            self.conn.t_ordering.unlock()
 
     cdef uint32_t _after_flush(self) noexcept nogil:
         """After a FLUSH's (or FUA's) fdatasync, before its reply: the observers' on_flush,

@@ -16,13 +16,11 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
-from itertools import pairwise
 
-import numpy as np
 import zstandard
 
-from shadowblk._native.zeroscan import zero_mask
-from shadowblk.delta.extents import encode_extents
+from shadowblk._native.framepack import pack_frame
+from shadowblk.delta.extents import encode_packed
 from shadowblk.delta.frames import MAX_EXTENT, FrameType
 
 COMPRESS_THREADS = 2  # zstd releases the GIL: an epoch's frames are made on this many threads
@@ -273,53 +271,14 @@ def piece_changes(
     pieces: list[Piece], bs: int, compressor: zstandard.ZstdCompressor
 ) -> list[Change]:
     """One frame's runs as changes: ZERO for the runs of all-zero blocks, one EXTENT (an extent
-    list over the adjacent runs merged) for the others."""
-    out: list[Change] = []
-    zeros = zero_mask([data for _, _, data in pieces], bs)
-    if zeros.any():
-        pieces = _without_zeros(pieces, zeros, bs, out)
-    if not pieces:
-        return out
-    offsets, lengths = [], []
-    for start, end, _ in pieces:
-        if offsets and offsets[-1] + lengths[-1] == start * bs:
-            lengths[-1] += (end - start) * bs
-        else:
-            offsets.append(start * bs)
-            lengths.append((end - start) * bs)
-    payload, flags = encode_extents(
-        np.array(offsets, dtype=np.uint64),
-        np.array(lengths, dtype=np.uint64),
-        [data for _, _, data in pieces],
-        bs,
-        compressor,
-    )
-    out.append(Change(FrameType.EXTENT, offsets[0], sum(lengths), payload, flags))
+    list over the adjacent runs merged) for the others, its payload made in one native pass
+    (zero scan, copy, crcs: `csrc/framepack.pyx`)."""
+    payload, head_len, offset, length, zeros = pack_frame(pieces, bs)
+    out = [Change(FrameType.ZERO, o, n) for o, n in zeros]
+    if payload is not None:
+        payload, flags = encode_packed(payload, head_len, compressor)
+        out.append(Change(FrameType.EXTENT, offset, length, payload, flags))
     return out
-
-
-def _without_zeros(
-    pieces: list[Piece], zeros: np.ndarray, bs: int, out: list[Change]
-) -> list[Piece]:
-    """PIECES with their all-zero blocks cut out, each run of those appended to OUT as ZERO."""
-    kept: list[Piece] = []
-    at = 0
-    for start, end, data in pieces:
-        mask = zeros[at : at + end - start]
-        at += end - start
-        if not mask.any():
-            kept.append((start, end, data))
-            continue
-        view = memoryview(data)
-        cuts = np.flatnonzero(mask[1:] != mask[:-1]) + 1
-        for i, j in pairwise([0, *cuts.tolist(), end - start]):
-            if mask[i] and out and out[-1].offset + out[-1].length == (start + i) * bs:
-                out[-1] = Change(FrameType.ZERO, out[-1].offset, out[-1].length + (j - i) * bs)
-            elif mask[i]:
-                out.append(Change(FrameType.ZERO, (start + i) * bs, (j - i) * bs))
-            else:
-                kept.append((start + i, start + j, view[i * bs : j * bs]))
-    return kept
 
 
 def data_changes(

@@ -194,18 +194,23 @@ class Replicator:
 
     def on_writes(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Capture WRITES, in order, under one lock and one round of record saves (a batch of
-        the native NBD loop). Raises before capturing any if one of them is refused."""
-        views = [(offset, memoryview(data).cast("B")) for offset, data in writes]
-        for offset, view in views:
-            self._check(offset, len(view))
-        pending: dict[ShadowLink, tuple[list[int], bool]] = {}
+        the native NBD loop). Raises before capturing any if one of them is refused. A whole
+        block given as `bytes` (the native loop's own copy of the payload: immutable) is kept
+        as it is, without another copy or view."""
+        bs = self.block_size
+        offsets = [offset for offset, _ in writes]
+        lengths = [len(d) if type(d) is bytes else memoryview(d).nbytes for _, d in writes]
+        for offset, length in zip(offsets, lengths, strict=True):
+            self._check(offset, length)
         with self.lock:
-            for offset, view in views:
-                self._capture(offset, view)
-                for link, hot, show in self._mark(offset, len(view)):
-                    was_hot, was_shown = pending.get(link, ([], False))
-                    pending[link] = (was_hot + hot, was_shown or show)
-        self._after_capture([(link, hot, show) for link, (hot, show) in pending.items()])
+            epoch = self.open
+            for offset, data in writes:
+                if type(data) is bytes and len(data) == bs and not offset % bs:
+                    epoch.put(offset // bs, data)
+                else:
+                    self._capture(offset, memoryview(data).cast("B"))
+            pending = self._mark_writes(offsets, lengths)
+        self._after_capture(pending)
 
     def _capture(self, offset: int, view: memoryview) -> None:
         """(lock) One write into the open epoch: whole blocks as a run, edges merged."""
@@ -267,16 +272,37 @@ class Replicator:
     def _mark(self, offset: int, length: int) -> list[tuple[ShadowLink, list[int], bool]]:
         """(lock) Add the range to every shadow's lacks; per shadow whose records must grow
         first: the chunks its activity log must add, and whether its saved bitmap must."""
+        return self._mark_writes([offset], [length])
+
+    def _mark_writes(
+        self, offsets: list[int], lengths: list[int]
+    ) -> list[tuple[ShadowLink, list[int], bool]]:
+        """(lock) _mark for a batch of ranges. A batch whose chunks are all covered and hot
+        already (a busy volume's usual case) only marks the lacks and notes the chunks as
+        touched."""
+        chunks = {offset // CHUNK for offset in offsets}
+        for offset, length in zip(offsets, lengths, strict=True):
+            if (offset + length - 1) // CHUNK != offset // CHUNK:
+                chunks.update(range(offset // CHUNK, (offset + length - 1) // CHUNK + 1))
         pending = []
         for link in self.links:
             rec = link.record
-            rec.lacks.mark(offset, length)
-            missing = rec.chunks_missing(offset, length)
-            if missing:
-                rec.cover(missing)
-            hot = rec.heat(offset, length)
-            if missing or hot:
-                pending.append((link, hot, bool(missing)))
+            mark = rec.lacks.mark  # per range: mark_many's arrays cost more for a few
+            for offset, length in zip(offsets, lengths, strict=True):
+                mark(offset, length)
+            if chunks <= rec.covered and chunks <= rec.log.hot:
+                rec.touched |= chunks
+                continue
+            hot: list[int] = []
+            show = False
+            for offset, length in zip(offsets, lengths, strict=True):
+                missing = rec.chunks_missing(offset, length)
+                if missing:
+                    rec.cover(missing)
+                    show = True
+                hot += rec.heat(offset, length)
+            if hot or show:
+                pending.append((link, hot, show))
         return pending
 
     def _after_capture(self, pending: list[tuple[ShadowLink, list[int], bool]]) -> None:

@@ -173,7 +173,7 @@ class WriteTracker:
         self.region_size = region_size
         self.region_shift = region_size.bit_length() - 1
         self.observers: list[WriteObserver] = []
-        self.ordering = threading.Lock()
+        self.ordering = Mutex()  # the native loop takes and lets it go without the GIL
         state_dir.mkdir(parents=True, exist_ok=True)
         geometry = {"size": size, "block_size": block_size, "region_size": region_size}
         if (state_dir / GEOMETRY_FILE).exists():

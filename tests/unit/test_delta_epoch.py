@@ -4,11 +4,14 @@ gives exactly what applying the writes one by one gives."""
 from __future__ import annotations
 
 import random
+import struct
 
+import numpy as np
 import pytest
 import zstandard
+from shadowblk._native.blockcrc import block_crc32c
 
-from shadowblk._native import zeroscan
+from shadowblk._native import framepack
 from shadowblk.delta.epoch import Epoch, Mark
 from shadowblk.delta.extents import decode_extents
 from shadowblk.delta.frames import Frame, FrameType
@@ -191,10 +194,36 @@ def test_a_write_is_captured_as_it_was_when_written() -> None:
     assert epoch.block_at(3) == b"\x05" * BS and epoch.block_at(9) == b"\x05" * BS
 
 
-def test_zero_mask_finds_all_zero_blocks_across_pieces() -> None:
+def test_pack_frame_finds_zero_blocks_merges_extents_and_checksums() -> None:
+    """One native pass: zero blocks across pieces (a block zero up to its last byte is data),
+    adjacent data blocks merged into one extent whatever piece they come from, a crc per data
+    block, and the data copied behind the head."""
     late = bytearray(BS)
-    late[-1] = 1  # zeros up to its last byte: not a zero block
-    pieces = [bytes(2 * BS), memoryview(bytes(late) + bytes(BS)), b"\x01" + bytes(BS - 1)]
-    assert zeroscan.zero_mask(pieces, BS).tolist() == [True, True, False, True, False]
+    late[-1] = 1
+    a, b = rng_bytes(1, BS), rng_bytes(2, 2 * BS)
+    pieces = [
+        (3, 5, bytes(2 * BS)),  # zeros 3-4
+        (5, 7, memoryview(bytes(late) + bytes(BS))),  # data 5, zero 6
+        (7, 8, a),  # data 7
+        (8, 10, memoryview(b"\xff" * BS + b)[BS:]),  # data 8-9, merged with 7
+        (12, 13, bytes(BS)),  # zero 12, not merged with 6
+    ]
+    payload, head_len, offset, length, zeros = framepack.pack_frame(pieces, BS)
+    assert zeros == [(3 * BS, 2 * BS), (6 * BS, BS), (12 * BS, BS)]
+    assert (offset, length) == (5 * BS, 4 * BS)
+    data = bytes(late) + a + b
+    assert payload[head_len:] == data
+    (count,) = struct.unpack_from("!I", payload)
+    entries = [struct.unpack_from("!QI", payload, 4 + 12 * i) for i in range(count)]
+    assert entries == [(5 * BS, BS), (7 * BS, 3 * BS)]
+    crcs = np.frombuffer(payload, ">u4", 4, 4 + 12 * count)
+    assert crcs.tolist() == block_crc32c(data, BS).tolist()
+    assert framepack.pack_frame([(0, 2, bytes(2 * BS))], BS)[0] is None
     with pytest.raises(ValueError, match="not whole blocks"):
-        zeroscan.zero_mask([bytes(BS + 1)], BS)
+        framepack.pack_frame([(0, 1, bytes(BS + 1))], BS)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        framepack.pack_frame([(0, 2, bytes(BS))], BS)
+
+
+def rng_bytes(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
