@@ -127,6 +127,7 @@ cdef enum:
     TYPE_OFFSET_DATA = 1
     TYPE_ERROR = 32769
     POLL_MS = 200
+    STOP_SEND_MS = 5000  # at a stop, how long a client that takes no reply bytes is waited for
     GREEDY_RECV = 262144  # most bytes read ahead of a request whose size is not known yet
     SEND_EARLY = 16384
     # a batch stops once its READs ask this much: the next worker takes the rest, so a reader's
@@ -298,17 +299,30 @@ cdef class Connection:
         self.closing = 1
 
     cdef int _send_all(self, const char *p, size_t n) noexcept nogil:
-        """Nonzero when the client is gone (then every worker ends)."""
+        """Nonzero when the client is gone (then every worker ends), or when the server stops
+        and the client has taken no reply bytes for STOP_SEND_MS: a client that stopped
+        reading must not hold up a clean stop (it is dropped, the others are not waiting)."""
         cdef size_t done = 0
         cdef ssize_t sent
         cdef pollfd pfd
+        cdef int stalled_ms = 0
         while done < n:
-            sent = send(self.sock, p + done, n - done, MSG_NOSIGNAL)
+            # never blocks (the socket may be in blocking mode): a full socket buffer is
+            # waited for in poll(), which lets a stop be seen
+            sent = send(self.sock, p + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT)
             if sent > 0:
                 done += sent
+                stalled_ms = 0
             elif sent < 0 and errno == EINTR:
                 continue
             elif sent < 0 and errno == EAGAIN:
+                if self.closing:  # another worker gave this client up
+                    return 1
+                if self.stopping[0]:
+                    if stalled_ms >= STOP_SEND_MS:
+                        self.closing = 1
+                        return 1
+                    stalled_ms += POLL_MS
                 pfd.fd = self.sock
                 pfd.events = POLLOUT
                 pfd.revents = 0
