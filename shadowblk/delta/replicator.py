@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,11 @@ class Replicator:
         self.fenced = False
         self.closing = False
         self.links = [ShadowLink(self, *_address(s)) for s in shadows]
+        # returns once every write captured so far is on the volume (the NBD server's
+        # WriteTracker.wait_writes): a full sync or resync reads the volume only after it, so
+        # a write captured in an epoch older than its plan, not yet written to the volume when
+        # the plan was made, is not read as its old data (I1)
+        self.write_barrier: Callable[[], None] = _no_barrier
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task] = []
@@ -585,6 +590,11 @@ def _chunks(epoch: Epoch, bs: int) -> set[int]:
         for start, end in epoch.ranges()
         for c in range(start * bs // CHUNK, (end * bs - 1) // CHUNK + 1)
     }
+
+
+def _no_barrier() -> None:
+    """The default: no concurrent writer to wait for (a caller that captures and writes the
+    volume in one thread, as the tests' drivers do)."""
 
 
 def _address(spec: str) -> tuple[str, int]:

@@ -232,6 +232,8 @@ class _Session:
         link.handshakes_done += 1
         log.info("%s: shadow at epoch %d, plan %s", link.name, welcome.last_applied, plan.kind)
         link.phase = link.catch_up = plan.kind
+        if plan.kind != "streaming":  # the sync reads the volume: every captured write on it
+            await asyncio.to_thread(rep.write_barrier)
         self.sent_epoch = plan.start_after
         self.tag_epoch = plan.start_after + 1
         if plan.kind == "full-sync":
