@@ -181,7 +181,14 @@ async def in_pause(
             body = {"blocks": pack_blocks(chosen, total), "generation": keep,
                     "expected": pack(want), "promote": promotion.body}  # fmt: skip
             promotion.tried = True  # from now on the target may have handed over, or more
-            got = await call(new, name, "crcs", body)
+            try:
+                got = await call(new, name, "crcs", body)
+            except Exception as err:  # no answer: the target may be promoting, or promoted
+                # a failed `promote`, not a compare that could not finish: neither promoted
+                # again nor given back (`handover` 0) on a guess; the switchover fails and the
+                # orders settle the roles, as when a `promote` call is lost
+                promotion.error = f"the compare carrying it got no answer: {err}"
+                return {**checks, "result": "not-compared", "error": str(err)}
             actual, compared = unpack(got["crcs"]), chosen
             promotion.answer, promotion.error = got.get("promoted"), got.get("promote_error")
         else:
