@@ -68,6 +68,29 @@ class Processes:
             assert time.monotonic() < deadline, f"{uri} did not answer within {timeout}s"
             time.sleep(0.05)
 
+    def start_nbdkit(self, argv: Sequence[str], export: str = "") -> tuple[subprocess.Popen, str]:
+        """`nbdkit -f` on 127.0.0.1 with ARGV (filters, plugin, its settings) on a free port;
+        its process and nbd:// URI once the export answers. nbdkit takes no port 0 and prints
+        no ready line: a port picked free can be taken by another process before nbdkit binds
+        it, and that one's answer would pass for nbdkit's; so the listening socket must be
+        nbdkit's own, else another port is tried."""
+        for _ in range(5):
+            port = free_port()
+            proc = self.start(
+                ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *argv], f"nbdkit-{port}"
+            )
+            uri = f"nbd://127.0.0.1:{port}/{export}"
+            try:
+                self.wait_export(proc, uri)
+            except AssertionError:
+                if proc.poll() is None:
+                    raise
+                continue  # it could not bind the port
+            if _listens(proc.pid, port):
+                return proc, uri
+            self.stop(proc, signal.SIGKILL)
+        raise AssertionError(f"nbdkit found no free port in 5 tries: {argv}")
+
     def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         """Signal PROC and wait for it; SIGKILL if it does not end in TIMEOUT. Returns its code."""
         if proc.poll() is None:
@@ -83,3 +106,28 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(self.started):
             self.stop(proc, signal.SIGKILL if proc.poll() is None else signal.SIGTERM, timeout=5)
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process PID holds the socket listening on TCP PORT (from /proc)."""
+    sockets = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # it exited meanwhile
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            sockets.add(target[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                listening = fields[3] == "0A"
+                if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return fields[9] in sockets
+    return False

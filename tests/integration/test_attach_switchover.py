@@ -33,12 +33,7 @@ def start_serve(procs: Processes, image: Path, name: str = "vol") -> tuple[subpr
 
 def start_nbdkit(procs: Processes, image: Path, name: str = "vol") -> tuple[subprocess.Popen, str]:
     """`nbdkit file` on IMAGE; nbdkit prints no ready line, so wait until its port answers."""
-    port = free_port()
-    argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-e", name]
-    proc = procs.start([*argv, "file", str(image), "cache=none"], f"nbdkit-{port}")
-    uri = f"nbd://127.0.0.1:{port}/{name}"
-    procs.wait_export(proc, uri)
-    return proc, uri
+    return procs.start_nbdkit(["-e", name, "file", str(image), "cache=none"], name)
 
 
 def start_attach(

@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 
 from shadowblk.attach.router import Router
 from shadowblk.nbd import protocol as P
-from tests.procs import Processes, free_port
+from tests.procs import Processes
 
 B = 4096
 
@@ -21,14 +21,9 @@ B = 4096
 def memory(procs: Processes, *args: str) -> tuple[subprocess.Popen, str]:
     """`nbdkit memory 8M` with ARGS before the plugin (filters) and after it (their settings),
     split at the plugin; answering once its port does."""
-    port = free_port()
     filters = [a for a in args if a.startswith("--filter")]
     params = [a for a in args if not a.startswith("--filter")]
-    argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *filters, "memory", "8M"]
-    proc = procs.start([*argv, *params], f"nbdkit-{port}")
-    uri = f"nbd://127.0.0.1:{port}/"
-    procs.wait_export(proc, uri)
-    return proc, uri
+    return procs.start_nbdkit([*filters, "memory", "8M", *params])
 
 
 async def call(
