@@ -22,9 +22,6 @@ heartbeat while the VM's I/O is held, so the manager calls these at once:
                                                           the map is kept; "since": "seen": only
                                                           the blocks changed since the kept map)
     POST /v1/volumes/NAME/crcs     {"blocks": B, ...}  -> the shadow's data crcs of B
-                                   ("expected": C, "promote": {"volume": {...}}: the shadow
-                                   handed over beside it, promoted if the crcs equal C:
-                                   "promoted", or null; RoleChanges.compare_promote)
     POST /v1/volumes/NAME/blocks   {"blocks": [...]}   -> the old primary's data of blocks
     POST /v1/volumes/NAME/repair   {"blocks", "data"}  -> those blocks written on the shadow
     POST /v1/volumes/NAME/discrepancies {...}          -> logged on the new primary
@@ -84,12 +81,6 @@ def _volume(body: dict[str, Any]) -> dict[str, Any]:
     return volume
 
 
-def _object(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise Refusal(400, "a JSON object is required")
-    return value
-
-
 def actions(hosting: Hosting) -> dict[str, Callable[[str, dict[str, Any]], Any]]:
     """What each call does to HOSTING."""
     return {
@@ -114,11 +105,7 @@ def actions(hosting: Hosting) -> dict[str, Callable[[str, dict[str, Any]], Any]]
             keep=bool(body.get("keep")),
             since_seen=body.get("since") == "seen",
         ),
-        "crcs": lambda name, body: (
-            hosting.compare_promote(name, body, _volume(_object(body["promote"])))
-            if "promote" in body
-            else dirty_check.shadow_crcs(hosting.data_dir, name, body)
-        ),
+        "crcs": lambda name, body: dirty_check.shadow_crcs(hosting.data_dir, name, body),
         "blocks": lambda name, body: dirty_check.read_blocks(
             hosting.data_dir, name, list(body["blocks"])
         ),

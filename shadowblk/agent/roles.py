@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from shadowblk.agent import dirty_check, switch
 from shadowblk.agent.children import SHADOWBLK, Child
 from shadowblk.nbd import fence
@@ -341,73 +339,20 @@ class RoleChanges:
             self._hand_over(name, seconds)
         return {"ok": True}
 
-    def compare_promote(
-        self, name: str, body: dict[str, Any], volume: dict[str, Any]
-    ) -> dict[str, Any]:
-        """The compare's last call in a planned pause, carrying "promote if equal" (one round
-        trip instead of `crcs`, `handover` and `promote`): the data crcs of the body's blocks
-        (`crcs`, the map kept as verified with `generation`), read while the shadow server
-        hands NAME over (as `handover`, beside the compare); then, only if they equal the
-        body's `expected` crcs (the fenced old primary's map entries), the promotion to
-        VOLUME's generation (`promoted`). Blocks that differ: no promotion (`promoted` None);
-        the volume stays handed over, as after `handover`, for the manager's repair (which
-        needs it so) and its own `promote` afterwards, or its `handover` 0 on an abort. Safe
-        as those calls in turn are: the manager sends it only once the old primary is fenced
-        and its last epoch applied, and the target promotes exactly when the manager would
-        have (every compared block equal, the compare not partial). A promotion that fails
-        is answered as `promote_error` with the crcs (the compare's record stays whole)."""
-        with self.lock:
-            rec = self.volumes.get(name)
-            if rec is None or rec["role"] != "shadow":
-                raise switch.SwitchError(f"{name}: no shadow of it here")
-        expected = dirty_check.unpack(str(body["expected"]))
-        steps = Timings()
-        handed = _in_thread(self._hand_over, name, HOLD_AFTER_PROMOTION_S)
-        try:
-            answer = dirty_check.shadow_crcs(self.data_dir, name, body)
-            steps.mark("crcs_ms")
-        finally:
-            try:  # before answering, whatever the result: a repair needs the map let go of
-                handed()
-                handed_over = True
-                steps.mark("handover_ms")  # beyond the crcs
-            except Exception as err:  # `promote` hands it over itself
-                log.warning("%s: hand-over beside the compare: %s", name, err)
-                handed_over = False
-        answer["promoted"] = None
-        if not np.array_equal(dirty_check.unpack(answer["crcs"]), expected):
-            return answer  # the manager sees which blocks differ, and repairs or aborts
-        try:
-            promoted = self.promote(name, volume, handed_over=handed_over)
-            promoted["steps_ms"] = {**steps.ms, **promoted["steps_ms"]}
-            answer["promoted"] = promoted
-        except Exception as err:  # answered, with the crcs: the manager records the failure
-            log.exception("%s: promotion after the compare failed", name)
-            answer["promote_error"] = f"{type(err).__name__}: {err}"
-        return answer
-
-    def promote(
-        self,
-        name: str,
-        volume: dict[str, Any],
-        timeout: float = 60.0,
-        handed_over: bool = False,
-    ) -> dict[str, Any]:
+    def promote(self, name: str, volume: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         """Make the shadow of NAME its primary at VOLUME's generation; its endpoint, epoch and
         the milliseconds of each step. The shadow server hands NAME over (it finishes and
         checkpoints the epoch it applies; its other volumes keep streaming; if `handover` came
         first, the shadow server no longer has it and answers at once: asked all the same, in
-        case it was restarted meanwhile and loaded the volume again; not with HANDED_OVER,
-        where this agent's own thread just had it handed over, compare_promote) and refuses
-        streams for it until the manager releases it (`hold` 0) once the old primary is
-        demoted: else it would take the fenced old primary's stream again."""
+        case it was restarted meanwhile and loaded the volume again) and refuses streams for
+        it until the manager releases it (`hold` 0) once the old primary is demoted: else it
+        would take the fenced old primary's stream again."""
         with self.lock:
             rec = self.volumes.get(name)
             if rec is None or rec["role"] != "shadow":
                 raise switch.SwitchError(f"{name}: no shadow of it here")
         steps = Timings()
-        if not handed_over:
-            self._hand_over(name, HOLD_AFTER_PROMOTION_S)
+        self._hand_over(name, HOLD_AFTER_PROMOTION_S)
         steps.mark("release_ms")
         child, epoch = self.on_starter(lambda: self._promote(name, volume, held=True, steps=steps))
         deadline = time.monotonic() + timeout

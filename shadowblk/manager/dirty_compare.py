@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from shadowblk.agent.dirty_check import pack, pack_blocks, unpack, unpack_blocks
+from shadowblk.agent.dirty_check import pack_blocks, unpack, unpack_blocks
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +76,6 @@ class Early:
     @property
     def compared(self) -> bool:
         return "scope" in self.checks
-
-
-@dataclass
-class Promotion:
-    """The promote call's BODY, carried by the compare's call to the target in the pause when
-    the whole compare fits in that one call ("promote if equal", RoleChanges.compare_promote):
-    `tried` once sent (the target then handed the volume over, whatever came of it), `answer`
-    the promotion's if the target promoted (every block equal), `error` if it tried and
-    failed."""
-
-    body: dict[str, Any]
-    tried: bool = False
-    answer: dict[str, Any] | None = None
-    error: str | None = None
 
 
 async def _crcs(
@@ -141,27 +127,19 @@ async def before_pause(call: Call, plan: dict[str, Any], name: str, before: int)
 
 async def in_pause(
     call: Call, plan: dict[str, Any], name: str, before: int, after: int, early: Early,
-    changed: dict[str, Any] | None = None,
-    handover: Callable[[], asyncio.Future] | None = None,
-    promotion: Promotion | None = None,
+    changed: dict[str, Any] | None = None, handover: asyncio.Future | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The end of the compare, the old primary fenced: the blocks changed since EARLY and those
     that differed then; repair the target's (whose verified map is kept for generation AFTER,
     unless the compare is partial); the record's `checksums`. CHANGED: the old primary's
-    `dirty` since seen answer, if the fence's answer brought it (one call less). HANDOVER:
-    starts the target's shadow server letting go of the volume, to run beside the compare: a
-    repair waits for it, so that it writes a map nobody else holds and stamps its header (a
-    repair under a closed map's old header would make the new primary rebuild the map from
-    the whole image, in the pause); its failure is the caller's to see. PROMOTION: if the
-    whole compare fits in one call to the target, that call carries the promotion (the target
-    hands over beside it and promotes only if every block is equal; HANDOVER is then not
-    started), else HANDOVER is."""
+    `dirty` since seen answer, if the fence's answer brought it (one call less). HANDOVER: the
+    target's shadow server letting go of the volume, running beside the compare: a repair
+    waits for it, so that it writes a map nobody else holds and stamps its header (a repair
+    under a closed map's old header would make the new primary rebuild the map from the whole
+    image, in the pause); its failure is the caller's to see."""
     started = time.monotonic()
     checks = dict(early.checks)
-    handing: asyncio.Future | None = None
     if not early.compared:
-        if handover is not None:
-            handover()
         return checks
     old, new = plan["from_control"], plan["to_control"]
     total, bs = checks["blocks_total"], checks["block_size"]
@@ -175,34 +153,15 @@ async def in_pause(
         chosen = np.array(sorted(wanted[: max(1, PAUSE_BYTES // bs)]), dtype=np.int64)
         # not partial: the target's map becomes the verified one of its generation (AFTER)
         keep = after if len(chosen) == len(wanted) else None
-        if promotion is not None and keep is not None and len(chosen) <= PAUSE_CHUNK_BYTES // bs:
-            # one call: crcs, the hand-over beside them and the promotion if all are equal
-            want = np.array([expected[b] for b in chosen.tolist()], dtype="<u4")
-            body = {"blocks": pack_blocks(chosen, total), "generation": keep,
-                    "expected": pack(want), "promote": promotion.body}  # fmt: skip
-            promotion.tried = True  # from now on the target may have handed over, or more
-            try:
-                got = await call(new, name, "crcs", body)
-            except Exception as err:  # no answer: the target may be promoting, or promoted
-                # a failed `promote`, not a compare that could not finish: neither promoted
-                # again nor given back (`handover` 0) on a guess; the switchover fails and the
-                # orders settle the roles, as when a `promote` call is lost
-                promotion.error = f"the compare carrying it got no answer: {err}"
-                return {**checks, "result": "not-compared", "error": str(err)}
-            actual, compared = unpack(got["crcs"]), chosen
-            promotion.answer, promotion.error = got.get("promoted"), got.get("promote_error")
-        else:
-            if handover is not None:
-                handing = handover()
-            actual, kept = await _crcs(
-                call, new, name, chosen, total, bs, PAUSE_CHUNK_BYTES, started + PAUSE_S, keep
-            )
-            compared = chosen[: len(actual)]
-            if len(compared) == len(wanted) and not kept:  # nothing to compare: kept anyway
-                await call(new, name, "crcs", {"blocks": pack_blocks(_NONE, total),
-                                               "generation": after})  # fmt: skip
-            want = np.array([expected[b] for b in compared.tolist()], dtype="<u4")
+        actual, kept = await _crcs(
+            call, new, name, chosen, total, bs, PAUSE_CHUNK_BYTES, started + PAUSE_S, keep
+        )
+        compared = chosen[: len(actual)]
         partial = len(compared) < len(wanted)
+        if not partial and not kept:  # nothing to compare: kept all the same
+            await call(new, name, "crcs", {"blocks": pack_blocks(_NONE, total),
+                                           "generation": after})  # fmt: skip
+        want = np.array([expected[b] for b in compared.tolist()], dtype="<u4")
         bad = np.flatnonzero(want != actual)
     except Exception as err:
         if not len(early.suspects):  # nothing was seen wrong: a check that could not finish
@@ -223,8 +182,8 @@ async def in_pause(
         log.warning("%s: the compare in the pause stopped at its bound: %d blocks not compared",
                     name, len(wanted) - len(compared))  # fmt: skip
     if len(bad):
-        if handing is not None:  # (a promotion carried by the compare: handed over already)
-            await asyncio.gather(handing, return_exceptions=True)
+        if handover is not None:
+            await asyncio.gather(handover, return_exceptions=True)
         try:
             checks["discrepancies"] = await _resolve(
                 call, plan, name, checks, compared[bad], want[bad], actual[bad]

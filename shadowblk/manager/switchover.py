@@ -168,13 +168,6 @@ class Switchovers:
             t.mark("gate_ms")  # cas_ms below: what the CAS took beyond the gate
             repointed: dict[str, dict] = {}
             handover: asyncio.Future | None = None
-            promotion = dirty_compare.Promotion({})  # its body once the CAS answered
-
-            def hand_over() -> asyncio.Future:
-                nonlocal handover
-                handover = asyncio.ensure_future(self._handover(plan["to_control"], name))
-                return handover
-
             try:
                 try:
                     after = await cas
@@ -182,7 +175,6 @@ class Switchovers:
                     await self._release(plan["from_control"], name)  # shadow server restarts
                     raise
                 t.mark("cas_ms")
-                promotion.body = {"volume": after}
                 # the fence's answer brings the compare's first call in the pause (the old
                 # primary's blocks changed since the compare before it)
                 dirty = volume["generation"] if early.compared else None
@@ -191,23 +183,16 @@ class Switchovers:
                 if fenced.get("drained"):  # else the shadow lacks writes: the routers replay
                     # the target's shadow server lets go of the volume (its checkpoint) while
                     # the compare reads the files: the old primary is fenced and its last epoch
-                    # applied, so nothing more reaches the shadow (RoleChanges.handover); a
-                    # compare that fits in one call to the target carries the promotion too
-                    # (promoted there only if every block is equal: compare_promote), one round
-                    # trip instead of three (`crcs`, `handover` beside it, then `promote`)
+                    # applied, so nothing more reaches the shadow (RoleChanges.handover)
+                    handover = asyncio.ensure_future(self._handover(plan["to_control"], name))
                     record["checksums"] = await dirty_compare.in_pause(
                         self._agent, plan, name, volume["generation"], after["generation"],
-                        early, fenced.get("dirty"), hand_over, promotion,
+                        early, fenced.get("dirty"), handover,
                     )  # fmt: skip
-                    t.mark("compare_ms")  # with the promotion, if the compare carried it
-                    if handover is not None:
-                        await handover
-                        t.mark("handover_ms")  # what the hand-over took beyond the compare
-                if promotion.error is not None:
-                    raise StepFailed(f"promote at {plan['to_control']}: {promotion.error}")
-                promoted = promotion.answer or await self._agent(
-                    plan["to_control"], name, "promote", {"volume": after}
-                )
+                    t.mark("compare_ms")
+                    await handover
+                    t.mark("handover_ms")  # what the hand-over took beyond the compare
+                promoted = await self._agent(plan["to_control"], name, "promote", {"volume": after})
                 t.mark("promote_ms")
                 body = {"uri": promoted["endpoint"], "generation": after["generation"]}
                 if not fenced.get("drained"):  # the shadow may lack acknowledged writes
@@ -223,9 +208,8 @@ class Switchovers:
                 raise ApiError(502, f"switchover of {name} failed: {err}", record) from None
             except dirty_compare.Mismatch as err:  # no copy to trust: not promoted, not ordered
                 log.error("%s", err)
-                if handover is not None or promotion.tried:  # the target's shadow server
-                    if handover is not None:  # takes the volume back
-                        await handover
+                if handover is not None:  # the target's shadow server takes the volume back
+                    await handover
                     await self._handover(plan["to_control"], name, 0.0)
                 record.update(outcome="aborted", error=str(err), checksums=err.checks,
                               timings_ms=t.ms)  # fmt: skip
@@ -257,8 +241,7 @@ class Switchovers:
                 attachments=len(repointed),
                 timings_ms={**t.ms, "total_ms": t.total()},
                 steps_ms={**_inner_steps(fenced, promoted),
-                          "drain_rounds_ms": drained.get("rounds_ms"),
-                          "promoted_by_compare": promotion.answer is not None},
+                          "drain_rounds_ms": drained.get("rounds_ms")},
             )  # fmt: skip
             await self._record(record, fence)
             log.info("switchover of %s to %s: %s", name, plan["to"], record["timings_ms"])

@@ -181,27 +181,3 @@ def test_the_part_in_the_pause_is_bounded(agents: Agents, monkeypatch: pytest.Mo
     assert 9 in agents.read_in_pause()  # what differed before the pause is read first
     assert checks["mismatched"] == [9] and checks["result"] == "repaired", checks
     assert not verified(agents)  # a partial compare is no verify: the next one starts over
-
-
-@pytest.mark.parametrize("suspect", [False, True])
-def test_a_carried_promotion_without_an_answer_is_a_failed_promote(
-    agents: Agents, suspect: bool
-) -> None:
-    """The compare's call carrying the promotion gets no answer (a timeout, a reset): the target
-    may be promoting, so the switchover must neither promote again as if nothing was compared
-    nor give the volume back (`handover` 0) as after a mismatch: `promotion.error` is set, and
-    the switchover fails as when a `promote` call is lost."""
-    if suspect:
-        agents.rot([3])  # a block that differed before the pause: a Mismatch before the fix
-    early = asyncio.run(dirty_compare.before_pause(agents, PLAN, "v", BEFORE))
-    agents.write([20], 0x44)
-    agents.calls.clear()
-    agents.fail["crcs"] = 1
-    promotion = dirty_compare.Promotion({"volume": {"generation": AFTER}})
-    checks = asyncio.run(
-        dirty_compare.in_pause(agents, PLAN, "v", BEFORE, AFTER, early, promotion=promotion)
-    )
-    assert promotion.tried and promotion.answer is None, promotion
-    assert promotion.error is not None and "ConnectionResetError" in promotion.error
-    assert checks["result"] == "not-compared", checks
-    assert [c for c, _ in agents.calls] == ["dirty", "crcs"]  # nothing handed back or repaired

@@ -108,8 +108,8 @@ def run(work: Path, switchovers: int) -> None:
     for step in ("gate_ms", "cas_ms", "fence_ms", "compare_ms", "handover_ms", "promote_ms",
                  "repoint_ms"):  # fmt: skip
         _row(step, [r["timings_ms"].get(step, 0.0) for r in records])
-    for step in ("crcs_ms", "handover_ms", "dispatch_ms", "release_ms", "recover_ms", "take_ms",
-                 "go_ms", "ready_ms", "lease_ms"):  # fmt: skip
+    for step in ("dispatch_ms", "release_ms", "recover_ms", "take_ms", "go_ms", "ready_ms",
+                 "lease_ms"):  # fmt: skip
         _row(f"promote: {step}", [_promote_steps(r).get(step, 0.0) for r in records])
     _row("fence: the old primary's serve (fence_serve_ms)",
          [(r.get("steps_ms") or {}).get("fence_serve_ms") or 0.0 for r in records])  # fmt: skip
