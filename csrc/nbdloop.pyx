@@ -42,6 +42,7 @@ from libc.string cimport memcpy, memmove
 from libc.errno cimport (
     errno, EINTR, EAGAIN, EPERM, EROFS, ENOSPC, EDQUOT, EFBIG, EINVAL, ENOMEM, ESHUTDOWN,
 )
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport off_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -208,6 +209,12 @@ cdef inline void put64(char *p, uint64_t v) noexcept nogil:
     memcpy(p, &v, 8)
 
 
+cdef inline double monotonic_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000.0 + ts.tv_nsec / 1000000.0
+
+
 cdef int grow(char **buf, size_t *cap, size_t need) noexcept nogil:
     cdef size_t n = cap[0] if cap[0] else 4096
     while n < need:
@@ -242,6 +249,7 @@ cdef class Connection:
     cdef StopFlag stop_flag
     cdef int *stopping
     cdef int closing
+    cdef int dropped  # a reply was given up part-way: nothing more may go out on the socket
     cdef pthread_mutex_t recv_lock
     cdef pthread_mutex_t send_lock
     cdef char *carry
@@ -301,33 +309,39 @@ cdef class Connection:
     cdef int _send_all(self, const char *p, size_t n) noexcept nogil:
         """Nonzero when the client is gone (then every worker ends), or when the server stops
         and the client has taken no reply bytes for STOP_SEND_MS: a client that stopped
-        reading must not hold up a clean stop (it is dropped, the others are not waiting)."""
+        reading must not hold up a clean stop (it is dropped, the others are not waiting). A
+        client that reads, however slowly, gets its replies whole, stop or not."""
         cdef size_t done = 0
         cdef ssize_t sent
         cdef pollfd pfd
-        cdef int stalled_ms = 0
+        cdef double stalled_since = -1.0  # monotonic ms; -1: bytes went out since the last wait
+        cdef double now
         while done < n:
+            if self.dropped:  # a reply cut short before: more bytes would be read as its data
+                return 1
             # never blocks (the socket may be in blocking mode): a full socket buffer is
             # waited for in poll(), which lets a stop be seen
             sent = send(self.sock, p + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT)
             if sent > 0:
                 done += sent
-                stalled_ms = 0
+                stalled_since = -1.0
             elif sent < 0 and errno == EINTR:
                 continue
             elif sent < 0 and errno == EAGAIN:
-                if self.closing:  # another worker gave this client up
-                    return 1
                 if self.stopping[0]:
-                    if stalled_ms >= STOP_SEND_MS:
+                    now = monotonic_ms()
+                    if stalled_since < 0:
+                        stalled_since = now
+                    elif now - stalled_since >= STOP_SEND_MS:
+                        self.dropped = 1
                         self.closing = 1
                         return 1
-                    stalled_ms += POLL_MS
                 pfd.fd = self.sock
                 pfd.events = POLLOUT
                 pfd.revents = 0
                 poll(&pfd, 1, POLL_MS)
             else:
+                self.dropped = 1
                 self.closing = 1
                 return 1
         return 0
@@ -735,9 +749,14 @@ cdef class Worker:
             self.outlen = 0
 
     cdef int _room(self, size_t n) noexcept nogil:
-        """Make N bytes free at the end of the reply buffer."""
+        """Make N bytes free at the end of the reply buffer. While the batch holds
+        `tracker.ordering` the buffer grows instead of going out: a client that does not read
+        its replies must not hold every other writer of the volume (and the fence) through a
+        send under that lock (a batch's READs are bounded: BATCH_READ, or one request)."""
         if self.outlen + n <= self.outcap:
             return 0
+        if self.ordered:
+            return -1 if grow(&self.outbuf, &self.outcap, self.outlen + n) != 0 else 0
         self._flush_out()
         if n > self.outcap and grow(&self.outbuf, &self.outcap, n) != 0:
             return -1
@@ -846,7 +865,7 @@ cdef class Worker:
                 error = self._after_flush()
             if self._reply(r, error) != 0:
                 return -1
-        if self.outlen >= SEND_EARLY:
+        if self.outlen >= SEND_EARLY and not self.ordered:  # (not under ordering: _room)
             self._flush_out()
         return 0
 
