@@ -384,7 +384,7 @@ def command(
         raise click.ClickException(str(exc)) from None
     if observer is not None and tracker is not None:
         observer.url = server.url
-        observer.replicator.write_barrier = tracker.wait_writes
+        observer.replicator.writers = tracker.ordering
         tracker.observers.append(observer)
         observer.start()
     if crc_observer is not None and tracker is not None:

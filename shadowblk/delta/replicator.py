@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,11 +111,12 @@ class Replicator:
         self.fenced = False
         self.closing = False
         self.links = [ShadowLink(self, *_address(s)) for s in shadows]
-        # returns once every write captured so far is on the volume (the NBD server's
-        # WriteTracker.wait_writes): a full sync or resync reads the volume only after it, so
-        # a write captured in an epoch older than its plan, not yet written to the volume when
-        # the plan was made, is not read as its old data (I1)
-        self.write_barrier: Callable[[], None] = _no_barrier
+        # what the NBD server holds from a write's capture through the volume's write (its
+        # `tracker.ordering`, set by `shadowblk serve`): a plan is made under it, so that every
+        # write captured in an epoch before the plan is on the volume when a sync reads it (a
+        # write half-way would be read as its old data and never streamed: I1); the default,
+        # for callers that capture and write in one thread, holds nothing
+        self.writers: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task] = []
@@ -447,6 +448,13 @@ class Replicator:
 
     # --- called by the links (event loop thread) ---------------------------------------------
 
+    def plan_between_writes(self, link: ShadowLink, known: bool, applied: int) -> Plan:
+        """plan() with no write between its capture and the volume (under `writers`, taken
+        before `lock` as the writers take them; blocks: not on the event loop). A writer held
+        up by back-pressure meanwhile does not wait for LINK, which is not connected yet."""
+        with self.writers:
+            return self.plan(link, known, applied)
+
     def plan(self, link: ShadowLink, known: bool, applied: int) -> Plan:
         """Decide how to bring a shadow that has applied APPLIED up to date."""
         with self.lock:
@@ -590,11 +598,6 @@ def _chunks(epoch: Epoch, bs: int) -> set[int]:
         for start, end in epoch.ranges()
         for c in range(start * bs // CHUNK, (end * bs - 1) // CHUNK + 1)
     }
-
-
-def _no_barrier() -> None:
-    """The default: no concurrent writer to wait for (a caller that captures and writes the
-    volume in one thread, as the tests' drivers do)."""
 
 
 def _address(spec: str) -> tuple[str, int]:

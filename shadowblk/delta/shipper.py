@@ -228,12 +228,12 @@ class _Session:
                 ErrorCode.STALE_GENERATION, f"shadow is at generation {welcome.generation}"
             )
         self.session = Session(rep.key, nonce, welcome.nonce)
-        plan = rep.plan(link, welcome.known, welcome.last_applied)
+        plan = await asyncio.to_thread(
+            rep.plan_between_writes, link, welcome.known, welcome.last_applied
+        )
         link.handshakes_done += 1
         log.info("%s: shadow at epoch %d, plan %s", link.name, welcome.last_applied, plan.kind)
         link.phase = link.catch_up = plan.kind
-        if plan.kind != "streaming":  # the sync reads the volume: every captured write on it
-            await asyncio.to_thread(rep.write_barrier)
         self.sent_epoch = plan.start_after
         self.tag_epoch = plan.start_after + 1
         if plan.kind == "full-sync":

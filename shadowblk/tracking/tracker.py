@@ -207,13 +207,6 @@ class WriteTracker:
         )
         self._prelogger.start()
 
-    def wait_writes(self) -> None:
-        """Return once every write the observers have seen is on the volume: the server holds
-        `ordering` from the observers' call through the volume's write (a replicator's sync
-        reads the volume after this, Replicator.write_barrier)."""
-        with self.ordering:
-            pass
-
     def before_writes(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
         """Record and mark a batch of ranges about to be written; returns once that is durable."""
         shift = self.region_shift
