@@ -135,12 +135,14 @@ class RequestHandler:
         return self.tracker.ordering if self._observed() else contextlib.nullcontext()
 
     def _track(
-        self, cookie: int, offset: int, length: int, data: bytes | None = None, trim: bool = False
-    ) -> bool:
+        self, offset: int, length: int, data: bytes | None = None, trim: bool = False
+    ) -> tuple[int, str] | None:
         """Mark the range dirty (and show it to the observers: DATA for a WRITE, else a zero or
-        TRIM range) before it is written; a failure there fails the request with EIO."""
+        TRIM range) before it is written; a failure there (the fence's refusal too) is returned
+        as (errno, message), for the caller to answer once it has let go of `_ordered()`: a
+        client that does not read its replies must not hold the volume's other writers."""
         if self.tracker is None or length == 0:
-            return True
+            return None
         try:
             if data is not None:
                 self.tracker.before_write(offset, data)
@@ -149,9 +151,8 @@ class RequestHandler:
         except Exception as exc:
             log.error("write tracking failed, refusing the write: %s", exc)
             error = nbd_errno(exc) if isinstance(exc, OSError) else P.EIO
-            self._error(cookie, error, f"write tracking failed: {exc}")
-            return False
-        return True
+            return error, f"write tracking failed: {exc}"
+        return None
 
     def _durable(self, cookie: int, flags: int) -> bool:
         """FUA: the change is durable before the reply, on the volume and (a FUA is a flush to
@@ -174,13 +175,15 @@ class RequestHandler:
             return None
         if (msg := self._range_error(offset, length)) is not None:
             return self._error(cookie, P.ENOSPC, msg)
-        with self._ordered():
-            if not self._track(cookie, offset, length, data=payload):
-                return None
-            try:
-                self.backend.pwrite(payload, offset)
-            except OSError as exc:
-                return self._error(cookie, nbd_errno(exc), f"write failed: {exc}")
+        with self._ordered():  # failures are answered after it (_track)
+            failed = self._track(offset, length, data=payload)
+            if failed is None:
+                try:
+                    self.backend.pwrite(payload, offset)
+                except OSError as exc:
+                    failed = nbd_errno(exc), f"write failed: {exc}"
+        if failed is not None:
+            return self._error(cookie, *failed)
         if self._durable(cookie, flags):
             self._ok(cookie)
         return None
@@ -234,13 +237,15 @@ class RequestHandler:
         if (msg := self._range_error(offset, length)) is not None:
             return self._error(cookie, P.EINVAL, msg)
         if length:
-            with self._ordered():
-                if not self._track(cookie, offset, length, trim=True):
-                    return None
-                try:
-                    self.backend.trim(offset, length)
-                except OSError as exc:
-                    return self._error(cookie, nbd_errno(exc), f"trim failed: {exc}")
+            with self._ordered():  # failures are answered after it (_track)
+                failed = self._track(offset, length, trim=True)
+                if failed is None:
+                    try:
+                        self.backend.trim(offset, length)
+                    except OSError as exc:
+                        failed = nbd_errno(exc), f"trim failed: {exc}"
+            if failed is not None:
+                return self._error(cookie, *failed)
         if self._durable(cookie, flags):
             self._ok(cookie)
         return None
@@ -258,20 +263,23 @@ class RequestHandler:
             # out impossible only then: refuse it up front (the client writes zeroes instead)
             return self._error(cookie, P.ENOTSUP, "no fast zero while replicating")
         if length:
-            with self._ordered():
-                if not self._track(cookie, offset, length):
-                    return None
-                try:
-                    done = self.backend.zero(
-                        offset,
-                        length,
-                        may_trim=not flags & P.CMD_FLAG_NO_HOLE,
-                        fast_only=bool(flags & P.CMD_FLAG_FAST_ZERO),
-                    )
-                except OSError as exc:
-                    return self._error(cookie, nbd_errno(exc), f"write zeroes failed: {exc}")
-            if not done:
-                return self._error(cookie, P.ENOTSUP, "no fast way to zero this range")
+            with self._ordered():  # failures are answered after it (_track)
+                failed = self._track(offset, length)
+                if failed is None:
+                    try:
+                        done = self.backend.zero(
+                            offset,
+                            length,
+                            may_trim=not flags & P.CMD_FLAG_NO_HOLE,
+                            fast_only=bool(flags & P.CMD_FLAG_FAST_ZERO),
+                        )
+                    except OSError as exc:
+                        failed = nbd_errno(exc), f"write zeroes failed: {exc}"
+                    else:
+                        if not done:
+                            failed = P.ENOTSUP, "no fast way to zero this range"
+            if failed is not None:
+                return self._error(cookie, *failed)
         if self._durable(cookie, flags):
             self._ok(cookie)
         return None

@@ -96,3 +96,31 @@ def flood(client: NBDClient) -> None:
             client.request(P.CMD_READ, (i % 64) * MiB, MiB)
     except OSError:
         pass  # the server gave this client up
+
+
+def test_a_refusal_to_a_client_that_stopped_reading_does_not_hold_other_writers(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """A TRIM goes to the Python loop; the fence refuses it (the lease ran out) and its error
+    reply cannot go out to a client that does not read: it must not be sent under the
+    volume's write-ordering lock, or every other writer (and the fence) waits for that client."""
+    lease = ["--control-socket", str(tmp_path / "ctl.sock"), "--lease", "1"]
+    proc, url = start_serve(procs, tmp_path, *lease, size="64M")
+    with connect(url) as probe:  # until the lease has run out: writes refused (ESHUTDOWN)
+        deadline = time.monotonic() + 60
+        while probe.request(P.CMD_WRITE, 0, 4096, payload=bytes(4096)) and (
+            probe.reply().error != P.ESHUTDOWN
+        ):
+            assert time.monotonic() < deadline, "the lease never ran out"
+            time.sleep(0.1)
+    with connect(url) as stuck:
+        stuck.request(P.CMD_READ, 0, 32 * MiB)  # never read: its reply fills the socket
+        time.sleep(0.5)
+        stuck.request(P.CMD_TRIM, 0, 4096)  # refused by the fence, in the Python loop
+        time.sleep(0.5)
+        u = urlparse(url)
+        # 30 s: a hang bound; before the fix the write waited for the stuck client for ever
+        with NBDClient(u.hostname or "", u.port or 0, u.path[1:], timeout=30) as other:
+            other.request(P.CMD_WRITE, MiB, 4096, payload=b"x" * 4096)
+            assert other.reply().error == P.ESHUTDOWN
+    assert procs.stop(proc, signal.SIGTERM, timeout=60) == 0
