@@ -16,7 +16,11 @@ import os
 import random
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from shadowblk.delta.replicator import Replicator
 from shadowblk.tracking.tracker import WriteTracker
@@ -26,9 +30,29 @@ from tests.procs import Processes
 SIZE = 16 << 20
 
 
-def test_a_sync_reads_a_captured_write_once_it_is_on_the_volume(
-    tmp_path: Path, procs: Processes
-) -> None:
+@dataclass
+class Primary:
+    """A volume file, the server's write tracker and a replicator to one new shadow, wired as
+    `shadowblk serve` wires them (plans under the tracker's ordering lock)."""
+
+    volume: Path
+    image: Path  # the shadow's copy
+    fd: int
+    tracker: WriteTracker
+    rep: Replicator
+
+    def close(self) -> None:
+        self.rep.close()
+        self.tracker.close()
+        os.close(self.fd)
+
+    def same(self) -> bool:
+        compared = subprocess.run(["cmp", str(self.volume), str(self.image)], check=False)
+        return compared.returncode == 0
+
+
+@pytest.fixture
+def primary(tmp_path: Path, procs: Processes, request: pytest.FixtureRequest) -> Iterator[Primary]:
     key = make_key(tmp_path / "key")
     _, port = start_shadow(procs, tmp_path / "s", key, "shadow")
     volume = tmp_path / "primary.img"
@@ -39,56 +63,43 @@ def test_a_sync_reads_a_captured_write_once_it_is_on_the_volume(
     rep = Replicator(
         "vol1", fd, SIZE, [f"127.0.0.1:{port}"], tmp_path / "state",
         hmac_key=key.read_text().encode(), cut_interval=None,
+        max_lag_bytes=getattr(request, "param", 64 << 20),
     )  # fmt: skip
     rep.writers = tracker.ordering  # as `shadowblk serve` sets it
-    offset, data = 2924 * BLOCK + 411, random.Random(1).randbytes(3000)  # unaligned: 2 blocks
+    p = Primary(volume, tmp_path / "s" / "vol1.img", fd, tracker, rep)
     try:
-        with tracker.ordering:  # a slow NBD worker: from the capture to the volume's write
-            rep.on_write(offset, data)
-            rep.cut_epoch()  # a cut meanwhile: the write's epoch is older than any plan now
-            rep.start()  # a new shadow connects: a full sync, to be planned
-            time.sleep(1.5)  # unguarded, the plan is made and the block read by now
-            os.pwrite(fd, data, offset)
-        assert rep.drain(60), rep.status()
+        yield p
     finally:
-        rep.close()
-        tracker.close()
-        os.close(fd)
-    same = subprocess.run(["cmp", str(volume), str(tmp_path / "s" / "vol1.img")], check=False)
-    assert same.returncode == 0, "the shadow kept the block's data from before the write"
+        p.close()
 
 
+def test_a_sync_reads_a_captured_write_once_it_is_on_the_volume(primary: Primary) -> None:
+    rep = primary.rep
+    offset, data = 2924 * BLOCK + 411, random.Random(1).randbytes(3000)  # unaligned: 2 blocks
+    with primary.tracker.ordering:  # a slow NBD worker: from the capture to the volume's write
+        rep.on_write(offset, data)
+        rep.cut_epoch()  # a cut meanwhile: the write's epoch is older than any plan now
+        rep.start()  # a new shadow connects: a full sync, to be planned
+        time.sleep(1.5)  # unguarded, the plan is made and the block read by now
+        os.pwrite(primary.fd, data, offset)
+    assert rep.drain(60), rep.status()
+    assert primary.same(), "the shadow kept the block's data from before the write"
+
+
+@pytest.mark.parametrize("primary", [1 << 20], indirect=True)  # a 1 MiB lag budget
 def test_a_writer_held_up_by_back_pressure_does_not_wait_for_a_shadow_being_planned(
-    tmp_path: Path, procs: Processes
+    primary: Primary,
 ) -> None:
     """The plan waits for the writers' lock; a writer that holds it and is over the lag budget
     must not wait for that shadow in turn (it is not connected until planned), else neither
     moves."""
-    key = make_key(tmp_path / "key")
-    _, port = start_shadow(procs, tmp_path / "s", key, "shadow")
-    volume = tmp_path / "primary.img"
-    with open(volume, "wb") as f:
-        f.truncate(SIZE)
-    fd = os.open(volume, os.O_RDWR)
-    tracker = WriteTracker(tmp_path / "tracking", SIZE, BLOCK)
-    rep = Replicator(
-        "vol1", fd, SIZE, [f"127.0.0.1:{port}"], tmp_path / "state",
-        hmac_key=key.read_text().encode(), cut_interval=None, max_lag_bytes=1 << 20,
-    )  # fmt: skip
-    rep.writers = tracker.ordering
-    rng = random.Random(2)
-    try:
-        with tracker.ordering:  # one long batch of a worker: 2 MiB, twice the lag budget
-            rep.start()
-            time.sleep(1)  # the shadow connected and waits to be planned
-            for i in range(8):
-                chunk = rng.randbytes(256 << 10)
-                rep.on_write(i * len(chunk), chunk)
-                os.pwrite(fd, chunk, i * len(chunk))
-        assert rep.drain(60), rep.status()
-    finally:
-        rep.close()
-        tracker.close()
-        os.close(fd)
-    same = subprocess.run(["cmp", str(volume), str(tmp_path / "s" / "vol1.img")], check=False)
-    assert same.returncode == 0
+    rep, rng = primary.rep, random.Random(2)
+    with primary.tracker.ordering:  # one long batch of a worker: 2 MiB, twice the lag budget
+        rep.start()
+        time.sleep(1)  # the shadow connected and waits to be planned
+        for i in range(8):
+            chunk = rng.randbytes(256 << 10)
+            rep.on_write(i * len(chunk), chunk)
+            os.pwrite(primary.fd, chunk, i * len(chunk))
+    assert rep.drain(60), rep.status()
+    assert primary.same()
